@@ -1,0 +1,47 @@
+"""Backends: lower a compiled graph into something that runs (and saves, and loads)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+
+__all__ = ["BackendInfo", "Executable", "ModelSpec"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a backend needs to know about the model besides its graph."""
+    kind: str                                   # causal_lm | encoder | module
+    input_names: tuple[str, ...]
+    example_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    dynamic: bool = True                        # batch and sequence dims are dynamic
+
+
+class Executable(Protocol):
+    """A lowered model: callable on named inputs, saveable, sized."""
+    backend: str
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def save(self, directory: Path) -> list[str]:
+        """Write the model files into ``directory``; return their names."""
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the model files this executable saves."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """A backend as plugins register it.
+
+    ``lower(graph, spec, options) -> Executable``; ``load(directory, manifest) -> Executable``.
+    """
+    name: str
+    lower: Callable[[Any, ModelSpec, Mapping[str, Any]], Executable]
+    load: Callable[[Path, Mapping[str, Any]], Executable]
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    options: tuple[str, ...] = ()

@@ -1,0 +1,25 @@
+"""Re-exporting a (transformed) FX graph module with the model's dynamic dimensions."""
+from __future__ import annotations
+
+import torch
+
+from lowbit.backends import ModelSpec
+
+__all__ = ["export_program", "dynamic_shapes"]
+
+
+def dynamic_shapes(spec: ModelSpec):
+    if not spec.dynamic:
+        return None
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=2, max=8192)
+    return tuple({0: batch, 1: seq} for _ in spec.input_names)
+
+
+def export_program(gm: torch.fx.GraphModule, spec: ModelSpec) -> torch.export.ExportedProgram:
+    args = tuple(spec.example_inputs[k] for k in spec.input_names)
+    try:
+        return torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(spec), strict=False)
+    except Exception:
+        # a model whose max sequence length is below our default bound: keep seq static
+        return torch.export.export(gm, args, strict=False)

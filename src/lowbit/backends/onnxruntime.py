@@ -1,0 +1,205 @@
+"""ONNX Runtime backend: a standard .onnx with ``com.microsoft`` quantized operators.
+
+Lowering of ``lowbit.quant_linear``:
+
+* float activations -> ``MatMulNBits`` reading the packed bytes as they are (the packed
+  layout *is* MatMulNBits' layout: ``B [N, K/block, block*bits/8]``, low bits first);
+* int8 per-token activations (per-channel 8-bit weights) -> per-token symmetric int8
+  quantization with standard ops, ``MatMulInteger`` (int8 x uint8 with zero point 128: exact
+  on AVX2, unlike uint8 x int8 whose int16 pair sums saturate), then the two scales.
+  The weight is stored ``[N, K]`` and transposed by a ``Transpose`` that ONNX Runtime
+  constant-folds when the session is created.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from lowbit.backends import BackendInfo, ModelSpec
+from lowbit.backends._export import dynamic_shapes
+from lowbit.errors import LoweringError, UsageError
+
+__all__ = ["OrtExecutable", "BACKEND", "optimized_op_types", "export_onnx"]
+
+_MODEL = "model.onnx"
+_DEFAULT_OPTIONS = {"accuracy_level": 4, "threads": 0}
+
+
+def _require():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"the onnxruntime backend needs the [onnx] extra ({e.name} missing): "
+                         "pip install 'lowbit[onnx]'") from e
+
+
+def _register_msft_schemas() -> None:
+    import onnx
+    from onnx.defs import OpSchema
+    if onnx.defs.has("MatMulNBits", "com.microsoft"):
+        return
+    fp = OpSchema.FormalParameter
+    opt = OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[fp("A", "T1"), fp("B", "T2"), fp("scales", "T1"),
+                fp("zero_points", "T3", param_option=opt)],
+        outputs=[fp("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""),
+                          ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)"], "")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "")
+                    for a in ("K", "N", "bits", "block_size", "accuracy_level")])
+    onnx.defs.register_schema(schema)
+
+
+def _translation(accuracy_level: int):
+    import onnxscript
+    from onnxscript import opset18 as op
+    _register_msft_schemas()
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+
+    def quant_linear(x, qweight, scales, zero_points, bias, in_features, bits, group_size,
+                     act_bits):
+        n = qweight.shape[0]
+        if not act_bits:
+            args = [x, qweight, scales] + ([zero_points] if zero_points is not None else [])
+            y = msft.MatMulNBits(*args, K=in_features, N=n, bits=bits, block_size=group_size,
+                                 accuracy_level=accuracy_level)
+        else:
+            if bits != 8 or scales.shape[1] != 1:
+                raise LoweringError(
+                    f"onnxruntime lowers integer activations only with 8-bit per-channel "
+                    f"weights; got bits={bits}, {scales.shape[1]} groups. Fix: use "
+                    "rtn bits=8, group_size=null with act_quant, or target='torch'")
+            absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+            s = op.Div(op.Max(absmax, op.Constant(value_float=1e-8)),
+                       op.Constant(value_float=127.0))
+            q = op.Clip(op.Round(op.Div(x, s)), op.Constant(value_float=-127.0),
+                        op.Constant(value_float=127.0))
+            xq = op.Cast(q, to=3)  # int8
+            w = op.Transpose(op.Reshape(qweight, op.Constant(value_ints=[n, -1])), perm=[1, 0])
+            wzp = (op.Constant(value=_u8_scalar(128)) if zero_points is None
+                   else op.Reshape(zero_points, op.Constant(value_ints=[n])))
+            acc = _matmul_integer(op, xq, w, wzp)
+            y = op.Mul(op.Mul(op.Cast(acc, to=1), s),
+                       op.Reshape(scales, op.Constant(value_ints=[n])))
+        if bias is not None:
+            y = op.Add(y, bias)
+        return y
+    return quant_linear
+
+
+def _u8_scalar(v: int):
+    import onnx
+    return onnx.numpy_helper.from_array(np.array(v, dtype=np.uint8))
+
+
+def _matmul_integer(op, xq, w, wzp):
+    import onnx
+    azp = op.Constant(value=onnx.numpy_helper.from_array(np.array(0, dtype=np.int8)))
+    return op.MatMulInteger(xq, w, azp, wzp)
+
+
+def export_onnx(gm: torch.fx.GraphModule, spec: ModelSpec, path: Path,
+                accuracy_level: int = 4) -> None:
+    """Export ``gm`` (with lowbit nodes) to ``path`` (external data above ~1.8 GB)."""
+    _require()
+    args = tuple(spec.example_inputs[k] for k in spec.input_names)
+    table = {torch.ops.lowbit.quant_linear.default: _translation(accuracy_level)}
+    try:
+        prog = torch.onnx.export(gm, args, input_names=list(spec.input_names), dynamo=True,
+                                 dynamic_shapes=dynamic_shapes(spec), optimize=True,
+                                 custom_translation_table=table, verbose=False)
+    except LoweringError:
+        raise
+    except Exception as e:
+        cause = e
+        while cause.__cause__ is not None:
+            if isinstance(cause.__cause__, LoweringError):
+                raise cause.__cause__ from e
+            cause = cause.__cause__
+        raise LoweringError(f"ONNX export failed: {str(e).strip().splitlines()[0][:300]}"
+                            f" (root cause: {type(cause).__name__}: {str(cause)[:300]})") from e
+    external = sum(t.numel() * t.element_size() for t in gm.state_dict().values()) > 1.8e9
+    prog.save(str(path), external_data=external)
+
+
+class OrtExecutable:
+    backend = "onnxruntime"
+
+    def __init__(self, model_dir: Path, spec: ModelSpec, threads: int = 0,
+                 keep: tempfile.TemporaryDirectory | None = None):
+        import onnxruntime as ort
+        self.model_dir, self.spec, self._keep = Path(model_dir), spec, keep
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.model_dir / _MODEL), so,
+                                            providers=["CPUExecutionProvider"])
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        feeds = {k: np.ascontiguousarray(inputs[k].numpy()) for k in self.spec.input_names}
+        return [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+
+    @property
+    def path(self) -> Path:
+        return self.model_dir / _MODEL
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.model_dir.iterdir() if p.is_file())
+
+    def save(self, directory: Path) -> list[str]:
+        names = []
+        for p in self.model_dir.iterdir():
+            if p.is_file():
+                shutil.copy2(p, directory / p.name)
+                names.append(p.name)
+        return names
+
+
+def lower(graph, spec: ModelSpec, options: Mapping) -> OrtExecutable:
+    _require()
+    opts = {**_DEFAULT_OPTIONS, **options}
+    unknown = sorted(set(opts) - set(_DEFAULT_OPTIONS))
+    if unknown:
+        raise UsageError(f"unknown onnxruntime option(s) {unknown}; valid: "
+                         f"{sorted(_DEFAULT_OPTIONS)}")
+    tmp = tempfile.TemporaryDirectory(prefix="lowbit-ort-")
+    export_onnx(graph.gm, spec, Path(tmp.name) / _MODEL, int(opts["accuracy_level"]))
+    return OrtExecutable(Path(tmp.name), spec, int(opts["threads"]), keep=tmp)
+
+
+def load(directory: Path, manifest: Mapping) -> OrtExecutable:
+    _require()
+    m = manifest["model"]
+    spec = ModelSpec(kind=m["kind"], input_names=tuple(m["input_names"]))
+    return OrtExecutable(directory, spec)
+
+
+def optimized_op_types(model_path: str | Path, level: str = "all") -> Counter:
+    """Op types of the graph ONNX Runtime actually runs after its own rewrites."""
+    import onnx
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        model = onnx.load(str(Path(tmp) / "opt.onnx"), load_external_data=False)
+    return Counter(n.op_type for n in model.graph.node)
+
+
+BACKEND = BackendInfo(name="onnxruntime", lower=lower, load=load, aliases=("cpu", "ort"),
+                      description="ONNX Runtime (MatMulNBits / MatMulInteger), edge CPUs",
+                      options=tuple(_DEFAULT_OPTIONS))

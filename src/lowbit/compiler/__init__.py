@@ -1,0 +1,1 @@
+"""The pipeline machinery: graphs, passes, the pass manager, recipes and artifacts."""

@@ -1,0 +1,168 @@
+"""Capture: nn.Module / Hugging Face model / local directory / .gguf / known alias -> FxGraph."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from lowbit.compiler.fx_graph import FxGraph
+from lowbit.errors import CaptureError, UsageError
+
+__all__ = ["Captured", "capture", "load_hf_model"]
+
+_WRAPPER_PREFIX = "model."
+
+
+@dataclass
+class Captured:
+    """A captured model: its graph plus what is needed to feed and describe it."""
+    graph: FxGraph
+    kind: str                          # "causal_lm" | "encoder" | "module"
+    name: str
+    input_names: list[str]
+    example_inputs: dict[str, torch.Tensor]
+    tokenizer: Any = None
+    config: dict = field(default_factory=dict)
+    source: str | None = None          # how to find the model again (alias/path), if known
+
+
+class _CausalLM(torch.nn.Module):
+    """input_ids -> logits, no KV cache (a fixed-signature view of a HF causal LM)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class _Encoder(torch.nn.Module):
+    """(input_ids, attention_mask) -> last_hidden_state."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def load_hf_model(source: str | os.PathLike):
+    """Load ``(model, tokenizer, source_string)`` from an alias, a directory or a .gguf file."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.data.models import KNOWN_MODELS, model_path
+    src = str(source)
+    gguf = None
+    if src in KNOWN_MODELS:
+        path, gguf = model_path(src)
+    else:
+        path = Path(src)
+        if path.suffix == ".onnx":
+            raise UsageError(f"'{src}': ONNX capture is not available yet; compile the PyTorch "
+                             "model instead (the ONNX adapter is tracked as its own issue)")
+        if path.suffix == ".gguf":
+            path, gguf = path.parent, path.name
+        if not path.exists():
+            raise CaptureError(f"model '{src}' not found: give an nn.Module, a local "
+                               f"Hugging Face directory, a .gguf file or one of "
+                               f"{sorted(KNOWN_MODELS)}")
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+        arch = (getattr(config, "architectures", None) or [""])[0]
+        causal = gguf is not None or arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")
+        cls = AutoModelForCausalLM if causal else AutoModel
+        model = cls.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+    except (OSError, ValueError) as e:
+        raise CaptureError(f"could not load '{src}' with transformers: {e}") from e
+    return model.eval(), tokenizer, src
+
+
+def _is_causal_lm(model) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel) and model.get_output_embeddings() is not None \
+        and hasattr(model, "generate") and model.can_generate()
+
+
+def _is_hf(model) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _hf_example(model, kind: str) -> dict[str, torch.Tensor]:
+    vocab = int(getattr(model.config, "vocab_size", 100))
+    ids = torch.randint(3, max(vocab, 4), (2, 16), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids} if kind == "causal_lm" else \
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _export(module: torch.nn.Module, example: Mapping[str, torch.Tensor], dynamic: bool,
+            name: str, max_seq: int = 8192):
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=2, max=max_seq)
+    shapes = tuple({0: batch, 1: seq} for _ in example) if dynamic else None
+    try:
+        return torch.export.export(module, args=tuple(example.values()),
+                                   dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # torch.export raises many unrelated types; we re-raise with advice
+        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+        raise CaptureError(
+            f"torch.export could not capture '{name}': {type(e).__name__}: {first}\n"
+            "What to try: make forward() take and return tensors only; remove data-dependent "
+            "Python control flow (use torch.cond) or .item()/.tolist() calls; pass "
+            "example_inputs=... that match forward()'s signature; for Hugging Face models "
+            "use attn_implementation='sdpa' or 'eager'.") from e
+
+
+def capture(model: Any, example_inputs: Mapping[str, torch.Tensor] | tuple | None = None,
+            tokenizer: Any = None) -> Captured:
+    """Capture ``model`` into an :class:`FxGraph`.
+
+    ``model``: an ``nn.Module`` (then ``example_inputs`` are required), a ``transformers``
+    model, a local model directory, a ``.gguf`` file, or a known alias (``"smollm2"``).
+    """
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        model, loaded_tok, source = load_hf_model(model)
+        tokenizer = tokenizer or loaded_tok
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"cannot capture a {type(model).__name__}: give an nn.Module, a "
+                         "Hugging Face model, a model directory, a .gguf file or an alias")
+    model.eval()
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    config = model.config.to_dict() if _is_hf(model) else {}
+    if _is_hf(model) and example_inputs is None:
+        kind = "causal_lm" if _is_causal_lm(model) else "encoder"
+        wrapper = _CausalLM(model) if kind == "causal_lm" else _Encoder(model)
+        example = _hf_example(model, kind)
+        max_seq = min(8192, int(getattr(model.config, "max_position_embeddings", 8192) or 8192))
+        ep = _export(wrapper, example, dynamic=True, name=name, max_seq=max_seq)
+        prefix = _WRAPPER_PREFIX
+    else:
+        if example_inputs is None:
+            raise UsageError(f"capturing a plain nn.Module ({type(model).__name__}) needs "
+                             "example_inputs=(tensor, ...) or {'name': tensor}")
+        kind = "module"
+        if isinstance(example_inputs, Mapping):
+            example = dict(example_inputs)
+        else:
+            import inspect
+            params = [p for p in inspect.signature(model.forward).parameters]
+            example = dict(zip(params, example_inputs))
+        ep = _export(model, example, dynamic=False, name=name)
+        prefix = ""
+    graph = FxGraph(ep.module(), prefix=prefix)
+    return Captured(graph=graph, kind=kind, name=name, input_names=list(example),
+                    example_inputs=example, tokenizer=tokenizer, config=config, source=source)

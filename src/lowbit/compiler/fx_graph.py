@@ -1,0 +1,252 @@
+"""Adapter of the :class:`~lowbit.compiler.graph.Graph` protocol over a torch.export module."""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+import lowbit.ops  # noqa: F401  (defines torch.ops.lowbit.*)
+from lowbit.compiler.graph import LinearSite, Observer, PackedLinear
+
+__all__ = ["FxGraph"]
+
+_aten = torch.ops.aten
+_LINEAR_TARGETS = {_aten.linear.default, _aten.addmm.default, _aten.mm.default}
+_PACKED_MODULE = "lowbit_packed"
+
+
+class _Observing(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, observe: Mapping[str, Observer]):
+        super().__init__(gm)
+        self._observe = observe
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        cb = self._observe.get(n.name)
+        if cb is not None:
+            cb(out)
+        return out
+
+
+class FxGraph:
+    """A captured model as a mutable FX graph (from ``torch.export(...).module()``).
+
+    ``prefix`` is stripped from parameter paths to form model-level layer names.
+    """
+
+    form = "fx"
+
+    def __init__(self, gm: fx.GraphModule, prefix: str = ""):
+        self.gm = gm
+        self.prefix = prefix
+        if not hasattr(gm, _PACKED_MODULE):
+            gm.add_module(_PACKED_MODULE, torch.nn.Module())
+        # Drop computations whose results nobody reads (e.g. an encoder's unused pooler).
+        gm.graph.eliminate_dead_code(
+            is_impure_node=lambda n: n.op in ("call_module", "placeholder", "output")
+            or n.is_impure())
+        self._drop_unused_constants()
+        gm.recompile()
+        self._index()
+
+    # -- lookup -------------------------------------------------------------------------
+    def _index(self) -> None:
+        self._nodes = {n.name: n for n in self.gm.graph.nodes}
+
+    def node(self, name: str) -> fx.Node:
+        try:
+            return self._nodes[name]
+        except KeyError:
+            raise KeyError(f"no node named '{name}' in the graph") from None
+
+    def nodes(self) -> list[str]:
+        return [n.name for n in self.gm.graph.nodes]
+
+    def op(self, node: str) -> str:
+        n = self.node(node)
+        if n.op == "placeholder":
+            return "input"
+        if n.op == "output":
+            return "output"
+        if n.op == "get_attr":
+            return "constant"
+        if n.op == "call_function":
+            if n.target is torch.ops.lowbit.quant_linear.default:
+                return "lowbit.quant_linear"
+            if self._linear_parts(n) is not None:
+                return "linear"
+            name = getattr(n.target, "__name__", str(n.target))
+            return name.split(".")[0]
+        return n.op
+
+    def inputs(self, node: str) -> list[str]:
+        return [a.name for a in self.node(node).all_input_nodes]
+
+    def consumers(self, node: str) -> list[str]:
+        return [u.name for u in self.node(node).users]
+
+    def attr(self, target: str) -> torch.Tensor:
+        """The tensor a ``get_attr`` target names (parameter or buffer)."""
+        mod_path, _, leaf = target.rpartition(".")
+        mod = self.gm.get_submodule(mod_path) if mod_path else self.gm
+        return getattr(mod, leaf)
+
+    def _set_attr(self, target: str, value: torch.Tensor) -> None:
+        mod_path, _, leaf = target.rpartition(".")
+        mod = self.gm.get_submodule(mod_path) if mod_path else self.gm
+        old = getattr(mod, leaf)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(mod, leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+        else:
+            mod.register_buffer(leaf, value.detach().clone())
+
+    def layer_name(self, target: str) -> str:
+        name = target[len(self.prefix):] if target.startswith(self.prefix) else target
+        return re.sub(r"\.(weight|bias)$", "", name)
+
+    # -- linears --------------------------------------------------------------------------
+    def _linear_parts(self, n: fx.Node):
+        """``(x, weight_target, bias_target, transposed)`` if ``n`` is a constant-weight linear."""
+        if n.op != "call_function" or n.target not in _LINEAR_TARGETS:
+            return None
+        if n.target is _aten.linear.default:
+            x, w = n.args[0], n.args[1]
+            b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+            transposed = False
+        elif n.target is _aten.addmm.default:
+            if n.kwargs or len(n.args) > 3:  # beta/alpha given: not a plain linear
+                return None
+            b, x, w = n.args
+            transposed = True
+        else:
+            x, w = n.args
+            b, transposed = None, True
+        if not isinstance(w, fx.Node) or w.op != "get_attr":
+            return None
+        if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
+            return None
+        if self.attr(w.target).dim() != 2:
+            return None
+        return x, w.target, (b.target if b is not None else None), transposed
+
+    def _site(self, n: fx.Node) -> LinearSite | None:
+        parts = self._linear_parts(n)
+        if parts is None:
+            return None
+        x, w, b, transposed = parts
+        shape = self.attr(w).shape
+        out_f, in_f = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+        return LinearSite(node=n.name, name=self.layer_name(w), input=x.name, weight=w,
+                          bias=b, in_features=int(in_f), out_features=int(out_f))
+
+    def linears(self) -> list[LinearSite]:
+        sites = (self._site(n) for n in self.gm.graph.nodes)
+        return [s for s in sites if s is not None]
+
+    def linear_weight(self, site: LinearSite) -> torch.Tensor:
+        w = self.attr(site.weight).detach()
+        return w.T if self.node(site.node).target is not _aten.linear.default else w
+
+    def set_linear_weight(self, site: LinearSite, weight: torch.Tensor) -> None:
+        if self.node(site.node).target is not _aten.linear.default:
+            weight = weight.T.contiguous()
+        self._set_attr(site.weight, weight)
+
+    def replace_with_quant_linear(self, site: LinearSite, packed: PackedLinear,
+                                  created_by: str) -> str:
+        n = self.node(site.node)
+        x = n.args[0] if n.target is _aten.linear.default else n.args[1]
+        store = getattr(self.gm, _PACKED_MODULE)
+        key = site.node
+        tensors = {"qweight": packed.qweight, "scales": packed.scales,
+                   "zero_points": packed.zero_points}
+        if site.bias is not None:
+            tensors["bias"] = self.attr(site.bias).detach().clone()
+        graph = self.gm.graph
+        with graph.inserting_before(n):
+            args = {}
+            for k, t in tensors.items():
+                if t is None:
+                    args[k] = None
+                    continue
+                store.register_buffer(f"{key}_{k}", t.contiguous())
+                args[k] = graph.get_attr(f"{_PACKED_MODULE}.{key}_{k}")
+            new = graph.call_function(
+                torch.ops.lowbit.quant_linear.default,
+                (x, args["qweight"], args["scales"], args["zero_points"], args.get("bias"),
+                 packed.in_features, packed.bits, packed.group_size, packed.act_bits))
+        new.meta.update(n.meta)
+        new.meta["lowbit_created_by"] = created_by
+        new.meta["lowbit_source"] = site.name
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        self._drop_unused_constants()
+        self.gm.recompile()
+        self._index()
+        return new.name
+
+    def _drop_unused_constants(self) -> None:
+        for n in list(self.gm.graph.nodes):
+            if n.op == "get_attr" and not n.users:
+                target = n.target
+                self.gm.graph.erase_node(n)
+                if not any(m.op == "get_attr" and m.target == target
+                           for m in self.gm.graph.nodes):
+                    mod_path, _, leaf = target.rpartition(".")
+                    mod = self.gm.get_submodule(mod_path) if mod_path else self.gm
+                    delattr(mod, leaf)
+
+    def quant_linears(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "call_function" and n.target is torch.ops.lowbit.quant_linear.default:
+                qweight = self.attr(n.args[1].target)
+                in_f, bits, group, act_bits = n.args[5:9]
+                out[n.name] = {"name": n.meta.get("lowbit_source", n.name), "bits": bits,
+                               "group_size": group, "act_bits": act_bits,
+                               "in_features": in_f, "out_features": int(qweight.shape[0]),
+                               "symmetric": n.args[3] is None,
+                               "created_by": n.meta.get("lowbit_created_by")}
+        return out
+
+    # -- execution ------------------------------------------------------------------------
+    def placeholders(self) -> list[str]:
+        return [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+
+    def run(self, inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+            observe: Mapping[str, Observer] | None = None) -> list[torch.Tensor]:
+        if isinstance(inputs, Mapping):
+            names = self.placeholders()
+            missing = [k for k in names if k not in inputs]
+            if missing:
+                raise KeyError(f"graph inputs {missing} not given (have {sorted(inputs)})")
+            args = [inputs[k] for k in names]
+        else:
+            args = list(inputs)
+        with torch.no_grad():
+            out = (_Observing(self.gm, observe).run(*args) if observe
+                   else self.gm(*args))
+        flat, _ = torch.utils._pytree.tree_flatten(out)
+        return [t for t in flat if isinstance(t, torch.Tensor)]
+
+    def dump(self) -> str:
+        lines = []
+        for n in self.gm.graph.nodes:
+            src = n.meta.get("lowbit_source")
+            by = n.meta.get("lowbit_created_by")
+            extra = f"  # {src} (by {by})" if by else ""
+            args = ", ".join(a.name if isinstance(a, fx.Node) else repr(a)
+                             for a in n.args if not isinstance(a, (list, tuple)))
+            lines.append(f"{n.name} = {self.op(n.name)}({args}){extra}")
+        return "\n".join(lines)
+
+    def num_parameters_bytes(self) -> int:
+        """Bytes of every tensor the graph module holds (float weights + packed buffers)."""
+        seen, total = set(), 0
+        for t in list(self.gm.parameters()) + list(self.gm.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total

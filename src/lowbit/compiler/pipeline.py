@@ -1,0 +1,168 @@
+"""compile(): capture -> calibrate/transform/quantize/pack (passes) -> lower -> verify."""
+from __future__ import annotations
+
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from lowbit.backends import ModelSpec
+from lowbit.compiler.artifact import FORMAT_VERSION, CompiledModel
+from lowbit.compiler.capture import Captured, capture
+from lowbit.compiler.context import PassContext
+from lowbit.compiler.instruments import GraphDump, Log, NumericVerifier, Timing, \
+    max_relative_error
+from lowbit.compiler.manager import PassManager
+from lowbit.compiler.recipe import load_recipe, schedule
+from lowbit.errors import DataError, UsageError
+from lowbit.plugins.manager import get_registry
+
+__all__ = ["compile", "resolve_backend", "calibration_batches"]
+
+_TVM_TARGETS = ("cuda", "llvm", "tvm")
+
+
+def resolve_backend(target: str, registry):
+    if target in _TVM_TARGETS:
+        raise UsageError(f"target '{target}' needs the TVM backend, which is not available in "
+                         f"this version yet; use target='onnxruntime' (edge CPUs) or 'torch'")
+    try:
+        return registry.backends[target]
+    except KeyError:
+        raise UsageError(f"unknown target '{target}'; available targets: "
+                         f"{sorted(registry.backends)}") from None
+
+
+def calibration_batches(calibration: Any, captured: Captured, needed: bool,
+                        data_dir=None, samples: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Normalise ``calibration`` into input dicts (one per sample)."""
+    def as_dict(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = t if t.dim() == 2 else t[None]
+        d = {"input_ids": ids.long()}
+        if "attention_mask" in captured.input_names:
+            d["attention_mask"] = torch.ones_like(d["input_ids"])
+        return d
+
+    if calibration is None:
+        if not needed:
+            return []
+        if captured.tokenizer is None:
+            raise DataError("this recipe needs calibration data and the model has no tokenizer "
+                            "to read WikiText-2 with: pass calibration=LongTensor[n, seq]")
+        from lowbit.data.wikitext import calibration_windows
+        windows = calibration_windows(captured.tokenizer, samples, 512, data_dir)
+        return [as_dict(w) for w in windows]
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2:
+            raise DataError(f"calibration tensor must be [n, seq] token ids, got shape "
+                            f"{tuple(calibration.shape)}")
+        return [as_dict(row) for row in calibration]
+    if isinstance(calibration, (list, tuple)):
+        out = []
+        for i, item in enumerate(calibration):
+            if isinstance(item, torch.Tensor):
+                out.append(as_dict(item))
+            elif isinstance(item, Mapping):
+                missing = [k for k in captured.input_names if k not in item]
+                if missing:
+                    raise DataError(f"calibration item #{i} lacks input(s) {missing}")
+                out.append({k: item[k] for k in captured.input_names})
+            else:
+                raise DataError(f"calibration item #{i} is a {type(item).__name__}; give "
+                                "token-id tensors or input dicts")
+        return out
+    raise DataError(f"calibration must be a LongTensor [n, seq], a list of tensors or of input "
+                    f"dicts, or None; got {type(calibration).__name__}")
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("lowbit", "torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _layer_table(graph) -> dict[str, dict]:
+    return {v["name"]: {k: v[k] for k in ("bits", "group_size", "act_bits", "symmetric",
+                                           "in_features", "out_features")}
+            for v in graph.quant_linears().values()}
+
+
+def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
+            calibration: Any = None, *, example_inputs: Any = None, tokenizer: Any = None,
+            data_dir: str | Path | None = None, calibration_samples: int = 32,
+            backend_options: Mapping[str, Any] | None = None, verify: bool = True,
+            verify_tolerance: float = 1e-4, dump_dir: str | Path | None = None,
+            progress: bool = True, disable_plugins: Iterable[str] = ()) -> CompiledModel:
+    """Compile ``model`` with ``recipe`` for ``target``; returns a :class:`CompiledModel`.
+
+    Example (tiny random model; real models work the same way)::
+
+        >>> import lowbit, torch
+        >>> from lowbit.testing import tiny_llama
+        >>> cm = lowbit.compile(tiny_llama(), recipe="w8a16", target="torch", progress=False)
+        >>> cm(torch.tensor([[1, 2, 3, 4]])).shape
+        torch.Size([1, 4, 128])
+    """
+    t0 = time.perf_counter()
+    registry = get_registry(disable_plugins)
+    backend = resolve_backend(target, registry)
+    rec = load_recipe(recipe, registry.presets)
+    passes = schedule(rec, registry)
+    captured = capture(model, example_inputs=example_inputs, tokenizer=tokenizer)
+    needs_data = any("calibration" in sp.info.requires for sp in passes)
+    batches = calibration_batches(calibration, captured, needs_data, data_dir,
+                                  calibration_samples)
+    verify_inputs = _verify_inputs(batches, captured)
+    ctx = PassContext(calibration=batches, model_kind=captured.kind, progress=progress)
+    instruments: list = [Timing()]
+    if verify:
+        instruments.append(NumericVerifier(verify_inputs, verify_tolerance))
+    if dump_dir:
+        instruments.append(GraphDump(dump_dir))
+    if progress:
+        instruments.append(Log())
+    PassManager(passes, instruments, catalog=registry.passes.values()).run(captured.graph, ctx)
+    spec = ModelSpec(kind=captured.kind, input_names=tuple(captured.input_names),
+                     example_inputs=captured.example_inputs, dynamic=captured.kind != "module")
+    reference = captured.graph.run(verify_inputs) if verify else None
+    executable = backend.lower(captured.graph, spec, dict(backend_options or {}))
+    figures: dict[str, Any] = {}
+    if verify:
+        got = executable(verify_inputs)
+        figures["backend_max_rel_error_vs_torch"] = max(
+            max_relative_error(r, g) for r, g in zip(reference, got))
+    figures["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    figures["artifact_bytes"] = executable.nbytes
+    manifest = {
+        "format": FORMAT_VERSION, "backend": backend.name,
+        "backend_options": dict(backend_options or {}), "recipe": rec.to_dict(),
+        "model": {"name": captured.name, "kind": captured.kind, "source": captured.source,
+                  "input_names": list(captured.input_names),
+                  "architecture": (captured.config.get("architectures") or [None])[0]},
+        "layers": _layer_table(captured.graph),
+        "passes": [_record_dict(r) for r in ctx.records],
+        "figures": figures, "versions": _versions(),
+        "plugins": registry.plugins,
+    }
+    return CompiledModel(executable, manifest, captured.tokenizer)
+
+
+def _verify_inputs(batches, captured: Captured) -> dict[str, torch.Tensor]:
+    if batches:
+        return {k: v[:1, :64] for k, v in batches[0].items()}
+    return {k: v[:1] for k, v in captured.example_inputs.items()}
+
+
+def _record_dict(r) -> dict:
+    return {"name": r.name, "plugin": r.plugin, "numerics": r.numerics, "options": r.options,
+            "seconds": round(r.seconds, 3), "changed": r.changed,
+            "transformed": len(r.transformed),
+            "skipped": [{"target": t, "reason": why} for t, why in r.skipped],
+            "metrics": r.metrics, "verification": r.verification}

@@ -1,0 +1,1 @@
+"""Pure tensor math, free of graph plumbing (quantize, pack, error metrics)."""

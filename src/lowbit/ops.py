@@ -1,0 +1,71 @@
+"""lowbit's graph operators, defined as real torch operators (``torch.ops.lowbit.*``).
+
+A quantized linear is *one* node holding packed weights, group scales and (for asymmetric
+grids) zero points in the layout of :mod:`lowbit.numerics.packing`. The implementations here
+are the torch reference kernels; every other backend lowers the same node.
+
+Defining a torch operator needs a module-level registration (as torch's own operators do);
+this module registers nothing else.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lowbit.numerics.packing import unpack_codes, unpack_zero_points
+from lowbit.numerics.quant import quantize_activation_per_token
+
+__all__ = ["quant_linear", "dequantize_packed"]
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor,
+                      zero_points: Optional[torch.Tensor], in_features: int,
+                      bits: int, group_size: int) -> torch.Tensor:
+    """Packed bytes -> float32 weight ``[N, K]`` (``w = (q - z) * s``)."""
+    n, n_groups = scales.shape
+    codes = unpack_codes(qweight, bits, group_size).to(torch.float32)
+    if zero_points is None:
+        z = torch.full((n, n_groups), float(2 ** (bits - 1)))
+    else:
+        z = unpack_zero_points(zero_points, bits, n_groups).to(torch.float32)
+    w = (codes - z[..., None]) * scales[..., None]
+    return w.reshape(n, -1)[:, :in_features]
+
+
+def _integer_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    zero_points: Optional[torch.Tensor], in_features: int, bits: int,
+                    act_bits: int) -> torch.Tensor:
+    """Exact integer emulation: ``y = (xq @ (q - z)^T) * s_x * s_w`` (per-channel weights)."""
+    n = scales.shape[0]
+    codes = unpack_codes(qweight, bits, qweight.shape[-1] * 8 // bits).reshape(n, -1)
+    z = (torch.full((n, 1), 2 ** (bits - 1), dtype=torch.int64) if zero_points is None
+         else unpack_zero_points(zero_points, bits, 1).to(torch.int64))
+    wq = (codes[:, :in_features].to(torch.int64) - z).to(torch.float64)
+    xq, s = quantize_activation_per_token(x, act_bits)
+    acc = (xq.to(torch.float64) @ wq.T).to(torch.float32)  # exact: |acc| < 2**53
+    return acc * s * scales[:, 0]
+
+
+@torch.library.custom_op("lowbit::quant_linear", mutates_args=())
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 in_features: int, bits: int, group_size: int, act_bits: int) -> torch.Tensor:
+    """``y = x @ dequant(W)^T + b``; with ``act_bits`` > 0, x is first quantized per token."""
+    if act_bits and scales.shape[1] == 1:
+        y = _integer_linear(x, qweight, scales, zero_points, in_features, bits, act_bits)
+    else:
+        if act_bits:
+            xq, s = quantize_activation_per_token(x, act_bits)
+            x = xq * s
+        w = dequantize_packed(qweight, scales, zero_points, in_features, bits, group_size)
+        y = torch.nn.functional.linear(x, w.to(x.dtype))
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+@quant_linear.register_fake
+def _quant_linear_fake(x, qweight, scales, zero_points, bias, in_features, bits, group_size,
+                       act_bits):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))

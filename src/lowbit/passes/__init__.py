@@ -1,0 +1,1 @@
+"""Built-in passes, one per file. They register through :mod:`lowbit.plugins.builtin`."""

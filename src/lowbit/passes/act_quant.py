@@ -1,0 +1,39 @@
+"""act_quant: dynamic per-token activation quantization at the input of quantized linears."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowbit.compiler.passes import PassResult, graph_pass
+from lowbit.errors import PassError
+
+__all__ = ["act_quant", "ActQuantOptions"]
+
+
+@dataclass(frozen=True)
+class ActQuantOptions:
+    bits: int = 8
+    granularity: str = "per_token"      # the only one: dynamic, symmetric, per token
+
+    def __post_init__(self):
+        if self.bits != 8:
+            raise ValueError(f"activation bits must be 8 for now, got {self.bits}")
+        if self.granularity != "per_token":
+            raise ValueError("granularity must be 'per_token'")
+
+
+@graph_pass(name="act_quant", numerics="analysis", requires=("quantized_weights",),
+            provides=("activation_quant",), preserves=("graph",), options=ActQuantOptions)
+def act_quant(graph, ctx) -> PassResult:
+    """Mark quantized linears to quantize their input per token (integer matmul)."""
+    qws = ctx.analysis["quantized_weights"]
+    names = {s.node: s.name for s in graph.linears()}
+    plan = {}
+    for node, qw in qws.items():
+        if qw.codes.shape[1] != 1:
+            raise PassError(f"integer activations need per-channel weights, but "
+                            f"'{names.get(node, node)}' has group_size={qw.group_size}. Fix: "
+                            "set group_size: null in the weight quantizer",
+                            pass_name="act_quant", node=node)
+        plan[node] = ctx.options.bits
+    ctx.analysis["activation_quant"] = plan
+    return PassResult(changed=False, transformed=tuple(names.get(n, n) for n in plan))
