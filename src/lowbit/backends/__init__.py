@@ -17,6 +17,7 @@ class ModelSpec:
     input_names: tuple[str, ...]
     example_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
     dynamic: bool = True                        # batch and sequence dims are dynamic
+    max_seq: int = 8192                         # upper bound of the dynamic sequence dim
 
 
 class Executable(Protocol):

@@ -12,8 +12,12 @@ Lowering of ``lowbit.quant_linear``:
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
@@ -28,7 +32,7 @@ from lowbit.errors import LoweringError, UsageError
 __all__ = ["OrtExecutable", "BACKEND", "optimized_op_types", "export_onnx"]
 
 _MODEL = "model.onnx"
-_DEFAULT_OPTIONS = {"accuracy_level": 4, "threads": 0}
+_DEFAULT_OPTIONS = {"accuracy_level": 0, "threads": 0}
 
 
 def _require():
@@ -86,7 +90,11 @@ def _translation(accuracy_level: int):
             q = op.Clip(op.Round(op.Div(x, s)), op.Constant(value_float=-127.0),
                         op.Constant(value_float=127.0))
             xq = op.Cast(q, to=3)  # int8
-            w = op.Transpose(op.Reshape(qweight, op.Constant(value_ints=[n, -1])), perm=[1, 0])
+            w = op.Reshape(qweight, op.Constant(value_ints=[n, -1]))
+            if qweight.shape[1] * qweight.shape[2] != in_features:  # drop last-group padding
+                w = op.Slice(w, op.Constant(value_ints=[0]), op.Constant(value_ints=[in_features]),
+                             op.Constant(value_ints=[1]))
+            w = op.Transpose(w, perm=[1, 0])
             wzp = (op.Constant(value=_u8_scalar(128)) if zero_points is None
                    else op.Reshape(zero_points, op.Constant(value_ints=[n])))
             acc = _matmul_integer(op, xq, w, wzp)
@@ -109,6 +117,22 @@ def _matmul_integer(op, xq, w, wzp):
     return op.MatMulInteger(xq, w, azp, wzp)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints and unrelated warnings (errors still raise)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_onnx(gm: torch.fx.GraphModule, spec: ModelSpec, path: Path,
                 accuracy_level: int = 4) -> None:
     """Export ``gm`` (with lowbit nodes) to ``path`` (external data above ~1.8 GB)."""
@@ -116,9 +140,11 @@ def export_onnx(gm: torch.fx.GraphModule, spec: ModelSpec, path: Path,
     args = tuple(spec.example_inputs[k] for k in spec.input_names)
     table = {torch.ops.lowbit.quant_linear.default: _translation(accuracy_level)}
     try:
-        prog = torch.onnx.export(gm, args, input_names=list(spec.input_names), dynamo=True,
-                                 dynamic_shapes=dynamic_shapes(spec), optimize=True,
-                                 custom_translation_table=table, verbose=False)
+        with _quiet():
+            prog = torch.onnx.export(gm, args, input_names=list(spec.input_names),
+                                     dynamo=True, dynamic_shapes=dynamic_shapes(spec),
+                                     optimize=True, custom_translation_table=table,
+                                     verbose=False)
     except LoweringError:
         raise
     except Exception as e:
@@ -175,7 +201,7 @@ def lower(graph, spec: ModelSpec, options: Mapping) -> OrtExecutable:
         raise UsageError(f"unknown onnxruntime option(s) {unknown}; valid: "
                          f"{sorted(_DEFAULT_OPTIONS)}")
     tmp = tempfile.TemporaryDirectory(prefix="lowbit-ort-")
-    export_onnx(graph.gm, spec, Path(tmp.name) / _MODEL, int(opts["accuracy_level"]))
+    export_onnx(graph.sync(), spec, Path(tmp.name) / _MODEL, int(opts["accuracy_level"]))
     return OrtExecutable(Path(tmp.name), spec, int(opts["threads"]), keep=tmp)
 
 

@@ -19,6 +19,7 @@ from lowbit.backends._export import export_program
 __all__ = ["TorchExecutable", "BACKEND"]
 
 _GRAPH, _WEIGHTS, _CONSTANTS = "graph.json", "weights.safetensors", "constants.safetensors"
+_SIGNATURE = "signature.json"
 
 
 class TorchExecutable:
@@ -53,7 +54,11 @@ class TorchExecutable:
         consts = {k: v.contiguous() for k, v in ep.constants.items()
                   if isinstance(v, torch.Tensor)}
         save_file(_dedupe(consts), str(directory / _CONSTANTS))
-        return [_GRAPH, _WEIGHTS, _CONSTANTS]
+        inputs = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")]
+                  for k, v in self.spec.example_inputs.items()}
+        (directory / _SIGNATURE).write_text(json.dumps(
+            {"parameters": list(ep.graph_signature.parameters), "inputs": inputs}))
+        return [_GRAPH, _WEIGHTS, _CONSTANTS, _SIGNATURE]
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -73,18 +78,24 @@ def _torch_bytes(obj) -> bytes:
 
 
 def lower(graph, spec: ModelSpec, options: Mapping) -> TorchExecutable:
-    return TorchExecutable(graph.gm, spec)
+    return TorchExecutable(graph.sync(), spec)
 
 
 def load(directory: Path, manifest: Mapping) -> TorchExecutable:
     from torch._export.serde.serialize import SerializedArtifact, deserialize
     state = load_file(str(directory / _WEIGHTS))
+    signature = json.loads((directory / _SIGNATURE).read_text())
+    for name in signature["parameters"]:
+        state[name] = torch.nn.Parameter(state[name], requires_grad=False)
+    m = manifest["model"]
+    example = tuple(torch.zeros(shape, dtype=getattr(torch, dtype))
+                    for shape, dtype in (signature["inputs"][k] for k in m["input_names"]))
     consts = load_file(str(directory / _CONSTANTS))
     art = SerializedArtifact((directory / _GRAPH).read_bytes(), _torch_bytes(state),
-                             _torch_bytes(consts), _torch_bytes(((), {})))
+                             _torch_bytes(consts), _torch_bytes((example, {})))
     ep = deserialize(art)
-    m = manifest["model"]
-    spec = ModelSpec(kind=m["kind"], input_names=tuple(m["input_names"]))
+    spec = ModelSpec(kind=m["kind"], input_names=tuple(m["input_names"]),
+                     example_inputs=dict(zip(m["input_names"], example)))
     return TorchExecutable(ep.module(), spec)
 
 

@@ -27,6 +27,7 @@ class Captured:
     tokenizer: Any = None
     config: dict = field(default_factory=dict)
     source: str | None = None          # how to find the model again (alias/path), if known
+    max_seq: int = 8192                # bound of the dynamic sequence dimension
 
 
 class _CausalLM(torch.nn.Module):
@@ -143,6 +144,7 @@ def capture(model: Any, example_inputs: Mapping[str, torch.Tensor] | tuple | Non
     model.eval()
     name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     config = model.config.to_dict() if _is_hf(model) else {}
+    max_seq = 8192
     if _is_hf(model) and example_inputs is None:
         kind = "causal_lm" if _is_causal_lm(model) else "encoder"
         wrapper = _CausalLM(model) if kind == "causal_lm" else _Encoder(model)
@@ -165,4 +167,5 @@ def capture(model: Any, example_inputs: Mapping[str, torch.Tensor] | tuple | Non
         prefix = ""
     graph = FxGraph(ep.module(), prefix=prefix)
     return Captured(graph=graph, kind=kind, name=name, input_names=list(example),
-                    example_inputs=example, tokenizer=tokenizer, config=config, source=source)
+                    example_inputs=example, tokenizer=tokenizer, config=config, source=source,
+                    max_seq=max_seq if kind != "module" else 0)

@@ -49,6 +49,7 @@ class FxGraph:
             or n.is_impure())
         self._drop_unused_constants()
         gm.recompile()
+        self._dirty = False
         self._index()
 
     # -- lookup -------------------------------------------------------------------------
@@ -182,21 +183,35 @@ class FxGraph:
         new.meta["lowbit_source"] = site.name
         n.replace_all_uses_with(new)
         graph.erase_node(n)
-        self._drop_unused_constants()
-        self.gm.recompile()
-        self._index()
+        self._drop_if_unused([a for a in n.all_input_nodes if a.op == "get_attr"])
+        self._nodes.pop(n.name, None)
+        self._nodes[new.name] = new
+        for a in new.all_input_nodes:
+            self._nodes[a.name] = a
+        self._dirty = True
         return new.name
 
+    def _drop_if_unused(self, attrs: list[fx.Node]) -> None:
+        for a in attrs:
+            if a.users:
+                continue
+            target = a.target
+            self.gm.graph.erase_node(a)
+            self._nodes.pop(a.name, None)
+            if not any(m.op == "get_attr" and m.target == target for m in self.gm.graph.nodes):
+                mod_path, _, leaf = target.rpartition(".")
+                mod = self.gm.get_submodule(mod_path) if mod_path else self.gm
+                delattr(mod, leaf)
+
     def _drop_unused_constants(self) -> None:
-        for n in list(self.gm.graph.nodes):
-            if n.op == "get_attr" and not n.users:
-                target = n.target
-                self.gm.graph.erase_node(n)
-                if not any(m.op == "get_attr" and m.target == target
-                           for m in self.gm.graph.nodes):
-                    mod_path, _, leaf = target.rpartition(".")
-                    mod = self.gm.get_submodule(mod_path) if mod_path else self.gm
-                    delattr(mod, leaf)
+        self._drop_if_unused([n for n in self.gm.graph.nodes if n.op == "get_attr"])
+
+    def sync(self) -> fx.GraphModule:
+        """Regenerate the module's code after graph edits; returns the module."""
+        if self._dirty:
+            self.gm.recompile()
+            self._dirty = False
+        return self.gm
 
     def quant_linears(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -226,8 +241,8 @@ class FxGraph:
         else:
             args = list(inputs)
         with torch.no_grad():
-            out = (_Observing(self.gm, observe).run(*args) if observe
-                   else self.gm(*args))
+            gm = self.sync()
+            out = _Observing(gm, observe).run(*args) if observe else gm(*args)
         flat, _ = torch.utils._pytree.tree_flatten(out)
         return [t for t in flat if isinstance(t, torch.Tensor)]
 

@@ -121,16 +121,17 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
                                   calibration_samples)
     verify_inputs = _verify_inputs(batches, captured)
     ctx = PassContext(calibration=batches, model_kind=captured.kind, progress=progress)
-    instruments: list = [Timing()]
+    # before_pass runs in list order, after_pass in reverse: Timing innermost, Log outermost
+    instruments: list = [Log()] if progress else []
     if verify:
         instruments.append(NumericVerifier(verify_inputs, verify_tolerance))
     if dump_dir:
         instruments.append(GraphDump(dump_dir))
-    if progress:
-        instruments.append(Log())
+    instruments.append(Timing())
     PassManager(passes, instruments, catalog=registry.passes.values()).run(captured.graph, ctx)
     spec = ModelSpec(kind=captured.kind, input_names=tuple(captured.input_names),
-                     example_inputs=captured.example_inputs, dynamic=captured.kind != "module")
+                     example_inputs=captured.example_inputs, dynamic=captured.kind != "module",
+                     max_seq=captured.max_seq or 8192)
     reference = captured.graph.run(verify_inputs) if verify else None
     executable = backend.lower(captured.graph, spec, dict(backend_options or {}))
     figures: dict[str, Any] = {}
@@ -155,6 +156,8 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
 
 
 def _verify_inputs(batches, captured: Captured) -> dict[str, torch.Tensor]:
+    if captured.kind == "module":  # captured with static shapes: feed them unchanged
+        return dict(batches[0]) if batches else dict(captured.example_inputs)
     if batches:
         return {k: v[:1, :64] for k, v in batches[0].items()}
     return {k: v[:1] for k, v in captured.example_inputs.items()}

@@ -1,0 +1,55 @@
+"""The main job: compile the default model with the default recipe, evaluate, tabulate."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from lowbit.benchmark import median_ms
+from lowbit.report import format_table
+
+__all__ = ["run_main_job", "latency"]
+
+
+def latency(fn, vocab: int, seq: int, runs: int = 5) -> float:
+    """Median ms of one forward over ``seq`` tokens (PROTOCOL: >= 5 runs, 2 warm-ups)."""
+    ids = torch.randint(3, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
+    return median_ms(lambda: fn(ids), runs=runs)
+
+
+def run_main_job(model: str = "smollm2", recipe: str = "w4a16", target: str = "onnxruntime",
+                 windows: int = 64, out: str | Path = "artifacts/smollm2-w4a16",
+                 data_dir=None, threads: int = 2) -> list[dict]:
+    import lowbit
+    from lowbit.compiler.capture import capture
+    from lowbit.data.wikitext import eval_windows
+    from lowbit.eval import perplexity
+
+    torch.set_num_threads(threads)
+    options = {"threads": threads} if target in ("onnxruntime", "cpu", "ort") else {}
+    cm = lowbit.compile(model, recipe=recipe, target=target, data_dir=data_dir,
+                        backend_options=options)
+    tok = cm.tokenizer
+    ids = eval_windows(tok, windows, 512, data_dir)
+    vocab = int(tok.vocab_size)
+    fp32 = capture(model).graph                 # the same graph, before any pass
+    fp32_fn = lambda x: fp32.run({"input_ids": x})[0]  # noqa: E731
+    rows = []
+    for name, fn, nbytes in (("fp32 (torch)", fp32_fn, fp32.num_parameters_bytes()),
+                             (f"{recipe} ({cm.backend})", cm, cm.nbytes)):
+        print(f"[lowbit] evaluating {name} on {windows} windows...", file=sys.stderr)
+        ppl = perplexity(fn, tok, windows=ids)
+        rows.append({"model": model, "variant": name, "ppl": round(ppl["ppl"], 3),
+                     "bytes": nbytes, "prefill_512_ms": round(latency(fn, vocab, 512), 1),
+                     "forward_129_ms": round(latency(fn, vocab, 129), 1)})
+    cm.figures.update({"perplexity": rows[1]["ppl"], "perplexity_fp32": rows[0]["ppl"],
+                       "eval_windows": windows, "prefill_512_ms": rows[1]["prefill_512_ms"]})
+    cm.save(out, overwrite=True)
+    rows[1]["bytes"] = cm.figures["artifact_bytes"]
+    print(format_table(rows))
+    print(f"\nartifact: {out}  (lowbit report {out})")
+    for r in rows:
+        print(json.dumps(r))
+    return rows

@@ -1,0 +1,60 @@
+"""Human-readable reports of a compiled artifact's manifest."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Mapping, Sequence
+
+__all__ = ["format_report", "format_table"]
+
+
+def format_table(rows: Sequence[Mapping], columns: Iterable[str] | None = None) -> str:
+    """A plain-text table of ``rows`` (dicts) with the given column order."""
+    rows = list(rows)
+    if not rows:
+        return "(no rows)"
+    cols = list(columns or rows[0].keys())
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        return "-" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+            for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+def format_report(manifest: Mapping) -> str:
+    m = manifest
+    out = [f"model    {m['model']['name']} ({m['model']['kind']}, "
+           f"{m['model'].get('architecture') or 'nn.Module'})",
+           f"recipe   {m['recipe']['name']}: {m['recipe'].get('description', '')}",
+           f"backend  {m['backend']} {m.get('backend_options') or ''}", ""]
+    figs = m.get("figures", {})
+    if figs:
+        out += ["figures", *(f"  {k:<34} {v}" for k, v in figs.items()), ""]
+    rows = []
+    for p in m.get("passes", []):
+        ver = p.get("verification") or {}
+        check = (f"max rel err {ver['max_rel_error']:.1e}" if "max_rel_error" in ver else
+                 f"out SQNR {ver['output_sqnr_db']:.1f} dB" if "output_sqnr_db" in ver else "")
+        rows.append({"pass": p["name"], "plugin": p["plugin"], "numerics": p["numerics"],
+                     "seconds": p["seconds"], "transformed": p["transformed"],
+                     "skipped": len(p["skipped"]), "check": check})
+    out += ["passes", format_table(rows), ""]
+    skipped = [(p["name"], s) for p in m.get("passes", []) for s in p["skipped"]]
+    if skipped:
+        out += ["skipped (with reasons)",
+                *(f"  {name}: {s['target']}: {s['reason']}" for name, s in skipped), ""]
+    layers = m.get("layers", {})
+    if layers:
+        kinds = Counter(f"W{v['bits']}A{v['act_bits'] or 16} g{v['group_size']} "
+                        f"{'sym' if v['symmetric'] else 'asym'}" for v in layers.values())
+        out += ["layers", *(f"  {n:>4} x {k}" for k, n in sorted(kinds.items()))]
+    return "\n".join(out)
