@@ -93,6 +93,11 @@ def cmd_fetch(a):
             remove_cached(name)
         path, gguf = model_path(name)
         print(f"{name}: {path}" + (f" ({gguf})" if gguf else ""))
+        if gguf:
+            from pathlib import Path
+
+            from lowbit.compiler.capture import _converted_gguf
+            print(f"{name}: float32 checkpoint at {_converted_gguf(Path(path), gguf)}")
 
 
 def cmd_main(a):

@@ -39,6 +39,7 @@ class PassError(LowbitError):
 
     def __init__(self, message: str, *, pass_name: str | None = None,
                  history: tuple[str, ...] = (), node: str | None = None):
+        self.message = message
         self.pass_name = pass_name
         self.history = tuple(history)
         self.node = node

@@ -41,10 +41,15 @@ def _integer_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     codes = unpack_codes(qweight, bits, qweight.shape[-1] * 8 // bits).reshape(n, -1)
     z = (torch.full((n, 1), 2 ** (bits - 1), dtype=torch.int64) if zero_points is None
          else unpack_zero_points(zero_points, bits, 1).to(torch.int64))
-    wq = (codes[:, :in_features].to(torch.int64) - z).to(torch.float64)
+    wq = (codes[:, :in_features].to(torch.int64) - z).to(torch.float32)
     xq, s = quantize_activation_per_token(x, act_bits)
-    acc = (xq.to(torch.float64) @ wq.T).to(torch.float32)  # exact: |acc| < 2**53
-    return acc * s * scales[:, 0]
+    # Integer products summed in float32 are exact while |partial sum| < 2**24: split K into
+    # chunks that cannot exceed it, add the chunk sums in float64 (exact), then round once.
+    bound = float(2 ** (act_bits - 1) - 1) * max(float(wq.abs().max()), 1.0)
+    chunk = max(1, int(2 ** 24 // bound))
+    acc = sum((xq[..., k:k + chunk] @ wq[:, k:k + chunk].T).to(torch.float64)
+              for k in range(0, in_features, chunk))
+    return acc.to(torch.float32) * s * scales[:, 0]
 
 
 @torch.library.custom_op("lowbit::quant_linear", mutates_args=())

@@ -72,17 +72,54 @@ def load_hf_model(source: str | os.PathLike):
             raise CaptureError(f"model '{src}' not found: give an nn.Module, a local "
                                f"Hugging Face directory, a .gguf file or one of "
                                f"{sorted(KNOWN_MODELS)}")
+    if gguf:
+        path, gguf = _converted_gguf(Path(path), gguf), None
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(path, **kw)
         arch = (getattr(config, "architectures", None) or [""])[0]
-        causal = gguf is not None or arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")
+        causal = arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")
         cls = AutoModelForCausalLM if causal else AutoModel
         model = cls.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kw)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
     except (OSError, ValueError) as e:
         raise CaptureError(f"could not load '{src}' with transformers: {e}") from e
     return model.eval(), tokenizer, src
+
+
+def _converted_gguf(directory: Path, gguf: str) -> Path:
+    """A cached safetensors copy of a GGUF model (dequantizing GGUF takes ~20 s per load)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.data.models import cache_dir
+    f = directory / gguf
+    if not f.exists():
+        raise CaptureError(f"GGUF file {f} not found")
+    st = f.stat()
+    key = hashlib.sha1(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "converted" / f"{f.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf,
+                                                     dtype=torch.float32)
+        # the weights are already dequantized to float32: save them as a plain checkpoint
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(directory, gguf_file=gguf).save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def _is_causal_lm(model) -> bool:

@@ -181,9 +181,10 @@ class FxGraph:
         new.meta.update(n.meta)
         new.meta["lowbit_created_by"] = created_by
         new.meta["lowbit_source"] = site.name
+        old_attrs = [a for a in n.all_input_nodes if a.op == "get_attr"]
         n.replace_all_uses_with(new)
         graph.erase_node(n)
-        self._drop_if_unused([a for a in n.all_input_nodes if a.op == "get_attr"])
+        self._drop_if_unused(old_attrs)
         self._nodes.pop(n.name, None)
         self._nodes[new.name] = new
         for a in new.all_input_nodes:

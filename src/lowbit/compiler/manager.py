@@ -75,8 +75,10 @@ class PassManager:
             for ins in reversed(self.instruments):
                 ins.after_pass(info, graph, ctx, record)
         except PassError as e:
-            if e.pass_name is None:
-                raise type(e)(str(e), pass_name=info.name, history=history) from e
+            # a pass raising about itself cannot know the history: the manager adds it
+            if e.pass_name is None or (e.pass_name == info.name and e.history != history):
+                raise type(e)(e.message, pass_name=info.name, history=history,
+                              node=e.node) from e
             raise
         except LowbitError:
             raise

@@ -1,0 +1,51 @@
+"""act_quant: marks quantized linears for int8 per-token activations (per-channel weights)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.testing import assert_numerically_equal
+
+W8_PER_CHANNEL = {"rtn": {"bits": 8, "group_size": None, "symmetric": True}}
+
+
+def _int8_linear(x, weight, bias):
+    """Reference: per-token int8 x, per-channel int8 W, integer accumulation in int64."""
+    sw = weight.abs().amax(-1) / 127
+    wq = torch.round(weight / sw[:, None]).to(torch.int64)
+    sx = x.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(x / sx).to(torch.int64)
+    y = (xq @ wq.T).to(torch.float32) * sx * sw
+    return y if bias is None else y + bias
+
+
+def test_marks_every_quantized_linear(mlp_captured, run_passes):
+    graph = mlp_captured.graph
+    ctx = run_passes(graph, [W8_PER_CHANNEL, "act_quant"])
+    record = ctx.records[-1]
+    assert record.transformed == ("fc1", "fc2") and record.changed is False
+    nodes = {s.name: s.node for s in graph.linears()}
+    assert ctx.analysis["activation_quant"] == {nodes["fc1"]: 8, nodes["fc2"]: 8}
+    assert graph.quant_linears() == {}  # it only decides; pack applies
+    run_passes(graph, ["pack"], ctx=ctx)
+    assert sorted((q["name"], q["act_bits"]) for q in graph.quant_linears().values()) == [
+        ("fc1", 8), ("fc2", 8)]
+
+
+def test_packed_graph_computes_integer_activations(mlp, mlp_input, mlp_captured, run_passes):
+    graph = mlp_captured.graph
+    run_passes(graph, [W8_PER_CHANNEL, "act_quant", "pack"])
+    h = torch.relu(_int8_linear(mlp_input, mlp.fc1.weight.detach(), None))
+    h = torch.relu(_int8_linear(h, mlp.fc2.weight.detach(), mlp.fc2.bias.detach()))
+    expected = mlp.out(h).detach()  # the head stays float
+    assert_numerically_equal(graph.run({"x": mlp_input})[0], expected, rtol=1e-5)
+
+
+def test_grouped_weights_are_refused_naming_the_layer(mlp_captured, run_passes):
+    with pytest.raises(lowbit.PassError) as info:
+        run_passes(mlp_captured.graph, [{"rtn": {"bits": 8, "group_size": 32}}, "act_quant"])
+    err = info.value
+    fc1 = mlp_captured.graph.linears()[0]
+    assert err.pass_name == "act_quant" and err.node == fc1.node and err.history == ("rtn",)
+    assert "'fc1' has group_size=32" in str(err) and "group_size: null" in str(err)
