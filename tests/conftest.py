@@ -84,3 +84,17 @@ def run_passes(registry):
         PassManager(scheduled, instruments, catalog=registry.passes.values()).run(graph, ctx)
         return ctx
     return run
+
+
+@pytest.fixture
+def assert_only_safe_files():
+    """Check an artifact holds JSON, safetensors and ONNX: nothing a loader would unpickle."""
+    def check(directory):
+        for path in directory.rglob("*"):
+            if not path.is_file() or "tokenizer" in path.relative_to(directory).parts:
+                continue
+            assert path.suffix in {".json", ".safetensors", ".onnx"}, path.name
+            head = path.read_bytes()[:2]
+            assert head != b"PK", f"{path.name} is a zip (torch.save) archive"
+            assert head[:1] != b"\x80", f"{path.name} is a pickle"
+    return check

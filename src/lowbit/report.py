@@ -22,11 +22,13 @@ def format_table(rows: Sequence[Mapping], columns: Iterable[str] | None = None) 
         return "-" if v is None else str(v)
 
     cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows)
+               for c in cols]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
     sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
-            for row in cells]
+    body = ["  ".join(v.rjust(w) if num else v.ljust(w)
+                      for v, w, num in zip(row, widths, numeric)) for row in cells]
     return "\n".join([line, sep, *body])
 
 

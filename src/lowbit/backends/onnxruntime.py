@@ -155,6 +155,10 @@ def export_onnx(gm: torch.fx.GraphModule, spec: ModelSpec, path: Path,
             cause = cause.__cause__
         raise LoweringError(f"ONNX export failed: {str(e).strip().splitlines()[0][:300]}"
                             f" (root cause: {type(cause).__name__}: {str(cause)[:300]})") from e
+    # exporter debug metadata (stack traces per node) is a few MB on a real model: drop it
+    for node in prog.model.graph:
+        node.metadata_props.clear()
+        node.doc_string = None
     external = sum(t.numel() * t.element_size() for t in gm.state_dict().values()) > 1.8e9
     prog.save(str(path), external_data=external)
 

@@ -3,7 +3,7 @@
 Layout (ONNX Runtime ``MatMulNBits``): codes ``[N, n_groups, group]`` become uint8
 ``[N, n_groups, group * bits / 8]``; within a byte the earlier k sits in the lower bits
 (for 4 bits: low nibble = even k). Zero points ``[N, n_groups]`` are packed the same way
-along the group axis into ``[N, ceil(n_groups * bits / 8)]``. Widths that do not divide 8
+along the group axis into ``[N, ceil(n_groups * bits / 8)]`` (3 bits: whole 3-byte words). Widths that do not divide 8
 (3 bits) are packed as a little-endian bit stream per group.
 
 Example:
@@ -70,7 +70,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 
 def pack_zero_points(zero_points: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[N, n_groups]`` -> uint8 ``[N, ceil(n_groups*bits/8)]`` (padded with zeros)."""
+    """``[N, n_groups]`` -> uint8 ``[N, ceil(n_groups*bits/8)]`` (padded with zeros).
+
+    3-bit zero points are padded to a multiple of 8 groups (whole 3-byte words), so they take
+    ``3 * ceil(n_groups / 8)`` bytes.
+    """
     n, groups = zero_points.shape
     per_byte = 8 // bits if 8 % bits == 0 else 8
     pad = (-groups) % per_byte

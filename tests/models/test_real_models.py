@@ -1,0 +1,61 @@
+"""Real weights (SmolLM2-135M, all-MiniLM-L6-v2), fetched by scripts/setup.sh.
+
+Quality figures come from bench/quality.py on 64 windows; these tests check the same
+pipeline on a few windows with bounds that a broken quantizer or backend would fail.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.compiler.capture import capture
+from lowbit.data.wikitext import eval_windows
+from lowbit.eval import embedding_similarity, perplexity
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    torch.set_num_threads(2)
+    base = capture("smollm2")
+    windows = eval_windows(base.tokenizer, 4)
+    fp32 = perplexity(lambda x: base.graph.run({"input_ids": x})[0], None, windows=windows,
+                      progress=False)["ppl"]
+    return base, windows, fp32
+
+
+def test_smollm2_captures_with_structural_head(smollm2):
+    base, _, fp32 = smollm2
+    sites = base.graph.linears()
+    assert len(sites) == 30 * 7 + 1
+    assert sites[-1].name == "lm_head" and sites[-1].out_features == 49152
+    assert 15 < fp32 < 40  # per-window ppl of a working 135M model (26.15 on 64 windows)
+
+
+@pytest.mark.parametrize("recipe, max_ratio", [("w8a16", 1.01), ("w4a16", 1.6)])
+def test_smollm2_onnxruntime_matches_torch_reference(smollm2, recipe, max_ratio, tmp_path):
+    _, windows, fp32 = smollm2
+    ref = lowbit.compile("smollm2", recipe=recipe, target="torch", progress=False)
+    ort = lowbit.compile("smollm2", recipe=recipe, target="onnxruntime", progress=False)
+    p_ref = perplexity(ref, None, windows=windows, progress=False)["ppl"]
+    p_ort = perplexity(ort, None, windows=windows, progress=False)["ppl"]
+    assert abs(p_ort / p_ref - 1) < 0.005           # backends agree to 0.5%
+    assert fp32 * 0.99 < p_ref < fp32 * max_ratio
+    ort.save(tmp_path / "a")
+    size = sum(p.stat().st_size for p in (tmp_path / "a").iterdir() if p.is_file())
+    # int4 g128 linears + the float embedding (tied head) stay far below fp32's 538 MB
+    assert size < (200e6 if recipe == "w4a16" else 300e6)
+    again = lowbit.load(tmp_path / "a")
+    ids = windows[:1, :64]
+    assert torch.equal(again(ids), ort(ids))
+
+
+def test_minilm_w8a8_embeddings_close_to_fp32():
+    torch.set_num_threads(2)
+    base = capture("minilm")
+    cm = lowbit.compile("minilm", recipe="w8a8", target="torch", progress=False)
+    ref = lambda ids, mask: base.graph.run({"input_ids": ids, "attention_mask": mask})[0]  # noqa
+    sim = embedding_similarity(cm, ref, base.tokenizer, n_lines=64, progress=False)
+    assert sim["cosine"] >= 0.99
