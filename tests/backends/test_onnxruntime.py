@@ -230,3 +230,11 @@ def test_int8_activations_need_8_bit_weights(mlp, mlp_input):
     with pytest.raises(lowbit.LoweringError, match="bits=4.*target='torch'"):
         lowbit.compile(mlp, recipe=recipe, target="onnxruntime", example_inputs=(mlp_input,),
                        progress=False)
+
+
+def test_block_size_matmulnbits_cannot_run_is_refused_naming_the_layer():
+    # per-channel 8-bit weights without int8 activations: block = K = 96, not a valid block
+    recipe = {"passes": [{"rtn": {"bits": 8, "group_size": None, "symmetric": True}}, "pack"]}
+    with pytest.raises(lowbit.LoweringError, match=r"layer 'model\.layers\.0\..*MatMulNBits"):
+        lowbit.compile(tiny_llama(hidden_size=96), recipe=recipe, target="onnxruntime",
+                       progress=False)

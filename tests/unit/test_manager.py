@@ -195,3 +195,13 @@ def test_log_prints_one_line_per_pass(mlp_captured, run_passes):
     assert len(lines) == 2
     assert lines[0].startswith("[lowbit] rtn") and "2 transformed, 1 skipped" in lines[0]
     assert lines[1].startswith("[lowbit] pack")
+
+
+def test_a_pass_after_the_one_that_consumed_its_input_is_refused_before_running():
+    import lowbit
+    from lowbit.testing import tiny_llama
+    recipe = {"passes": [{"rtn": {"bits": 8, "group_size": None, "symmetric": True}},
+                         "pack", "act_quant"]}
+    with pytest.raises(lowbit.ContractError, match="'pack' uses it up.*move 'act_quant' "
+                                                   "before 'pack'"):
+        lowbit.compile(tiny_llama(), recipe=recipe, target="torch", progress=False)

@@ -197,8 +197,29 @@ class OrtExecutable:
         return names
 
 
+_NBITS_BLOCKS = (16, 32, 64, 128, 256)
+
+
+def check_lowerable(graph) -> None:
+    """Refuse, naming the layer, any quantized linear ONNX Runtime cannot run."""
+    for node, q in graph.quant_linears().items():
+        where = f"layer '{q['name']}' (node {node})"
+        if q["act_bits"]:
+            if q["bits"] != 8 or -(-q["in_features"] // q["group_size"]) != 1:
+                raise LoweringError(
+                    f"{where}: onnxruntime lowers int8 activations only with 8-bit "
+                    f"per-channel weights, got bits={q['bits']}, group_size={q['group_size']}. Fix: "
+                    "rtn bits=8, group_size=null with act_quant, or target='torch'")
+        elif q["group_size"] not in _NBITS_BLOCKS or q["bits"] not in (2, 4, 8):
+            raise LoweringError(
+                f"{where}: MatMulNBits needs bits in (2, 4, 8) and block size in "
+                f"{_NBITS_BLOCKS}; got bits={q['bits']}, group_size={q['group_size']}. Fix: pick "
+                "such a group_size (per-channel weights need act_quant), or target='torch'")
+
+
 def lower(graph, spec: ModelSpec, options: Mapping) -> OrtExecutable:
     _require()
+    check_lowerable(graph)
     opts = {**_DEFAULT_OPTIONS, **options}
     unknown = sorted(set(opts) - set(_DEFAULT_OPTIONS))
     if unknown:

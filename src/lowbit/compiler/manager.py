@@ -30,6 +30,7 @@ class PassManager:
     def check(self, ctx: PassContext) -> None:
         """Report every contract problem of the whole schedule before anything runs."""
         have = ctx.available()
+        consumed_by: dict[str, str] = {}
         problems = []
         for i, sp in enumerate(self.passes):
             for req in sp.info.requires:
@@ -37,7 +38,10 @@ class PassManager:
                     continue
                 later = [p.info.name for p in self.passes[i + 1:] if req in p.info.provides]
                 makers = sorted({p.name for p in self.catalog if req in p.provides})
-                if req == "calibration":
+                if req in consumed_by:
+                    fix = (f"'{consumed_by[req]}' uses it up before; move "
+                           f"'{sp.info.name}' before '{consumed_by[req]}'")
+                elif req == "calibration":
                     fix = "give calibration data (compile(..., calibration=...))"
                 elif later:
                     fix = f"move '{later[0]}' before '{sp.info.name}'"
@@ -47,7 +51,12 @@ class PassManager:
                     fix = "no registered pass provides it"
                 problems.append(f"pass '{sp.info.name}' (#{i + 1}) requires '{req}', which "
                                 f"nothing before it provides: {fix}")
+            for gone in sp.info.consumes:
+                have.discard(gone)
+                consumed_by[gone] = sp.info.name
             have |= set(sp.info.provides)
+            for made in sp.info.provides:
+                consumed_by.pop(made, None)
         if problems:
             raise ContractError("recipe cannot run:\n  " + "\n  ".join(problems))
 
@@ -71,6 +80,8 @@ class PassManager:
                 raise TypeError(f"returned {type(result).__name__}, expected PassResult")
             record.changed, record.transformed = result.changed, tuple(result.transformed)
             record.skipped, record.metrics = tuple(result.skipped), dict(result.metrics)
+            for gone in info.consumes:
+                ctx.analysis.pop(gone, None)
             ctx.records.append(record)
             for ins in reversed(self.instruments):
                 ins.after_pass(info, graph, ctx, record)

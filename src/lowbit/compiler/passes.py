@@ -46,12 +46,15 @@ class PassInfo:
     ``requires``/``provides`` name analysis results kept in the pass context (for example
     ``"activation_stats"`` or ``"quantized_weights"``); the manager checks before running
     anything that each requirement is provided by an earlier pass or by the context.
+    ``consumes`` names results the pass uses up (e.g. ``pack`` turns quantized weights into
+    graph nodes): later passes cannot rely on them unless a pass provides them again.
     """
     name: str
     fn: Callable[..., PassResult]
     numerics: str
     requires: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
+    consumes: tuple[str, ...] = ()
     preserves: tuple[str, ...] = ()
     options: type = NoOptions
     doc: str = ""
@@ -76,8 +79,8 @@ def build_options(info: PassInfo, values: Mapping[str, Any] | None) -> Any:
 
 
 def graph_pass(*, name: str, numerics: str, requires: tuple[str, ...] = (),
-               provides: tuple[str, ...] = (), preserves: tuple[str, ...] = (),
-               options: type = NoOptions) -> Callable:
+               provides: tuple[str, ...] = (), consumes: tuple[str, ...] = (),
+               preserves: tuple[str, ...] = (), options: type = NoOptions) -> Callable:
     """Decorate ``fn(graph, ctx) -> PassResult`` with its contract (``fn.info``)."""
     if numerics not in NUMERICS:
         raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
@@ -87,7 +90,8 @@ def graph_pass(*, name: str, numerics: str, requires: tuple[str, ...] = (),
     def wrap(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()
         fn.info = PassInfo(name=name, fn=fn, numerics=numerics, requires=tuple(requires),
-                           provides=tuple(provides), preserves=tuple(preserves),
+                           provides=tuple(provides), consumes=tuple(consumes),
+                           preserves=tuple(preserves),
                            options=options, doc=doc[0] if doc else "")
         return fn
     return wrap

@@ -26,14 +26,13 @@ _TVM_TARGETS = ("cuda", "llvm", "tvm")
 
 
 def resolve_backend(target: str, registry):
+    if target in registry.backends:
+        return registry.backends[target]
     if target in _TVM_TARGETS:
         raise UsageError(f"target '{target}' needs the TVM backend, which is not available in "
                          f"this version yet; use target='onnxruntime' (edge CPUs) or 'torch'")
-    try:
-        return registry.backends[target]
-    except KeyError:
-        raise UsageError(f"unknown target '{target}'; available targets: "
-                         f"{sorted(registry.backends)}") from None
+    raise UsageError(f"unknown target '{target}'; available targets: "
+                     f"{sorted(registry.backends)}")
 
 
 def calibration_batches(calibration: Any, captured: Captured, needed: bool,

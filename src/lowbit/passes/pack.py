@@ -19,7 +19,8 @@ def pack_weight(qw: QuantizedWeight, act_bits: int = 0) -> PackedLinear:
 
 
 @graph_pass(name="pack", numerics="approx", requires=("quantized_weights",),
-            provides=("packed",), options=NoOptions)
+            provides=("packed",), consumes=("quantized_weights", "activation_quant"),
+            options=NoOptions)
 def pack(graph, ctx) -> PassResult:
     """Replace each quantized linear by a quant_linear node holding packed bytes."""
     qws = ctx.analysis["quantized_weights"]
@@ -32,5 +33,4 @@ def pack(graph, ctx) -> PassResult:
         graph.replace_with_quant_linear(site, packed, created_by="pack")
         done.append(site.name)
         nbytes += packed.nbytes
-    qws.clear()
     return PassResult(transformed=tuple(done), metrics={"packed_bytes": nbytes})

@@ -71,11 +71,18 @@ def build_registry(disable: Iterable[str] = ()) -> Registry:
                                os.environ.get("LOWBIT_DISABLE_PLUGINS", "").split(",") if s}
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    names = []
     for name, plugin in [*_builtin_plugins(), *_entry_point_plugins(disabled)]:
         if name in disabled and name != "lowbit.builtin":
             continue
-        pm.register(plugin, name=name)
-    reg = Registry(plugins=[pm.get_name(p) for p in pm.get_plugins()])
+        try:
+            pm.register(plugin, name=name)
+        except ValueError as e:  # the same name or module registered twice
+            raise PluginError(f"plugin '{name}' cannot be registered: {e}. Two installed "
+                              "packages may use this entry-point name; uninstall one or "
+                              f"disable it with LOWBIT_DISABLE_PLUGINS={name}") from e
+        names.append(name)
+    reg = Registry(plugins=names)
     for plugin, fn in _call(pm, "lowbit_passes"):
         info = getattr(fn, "info", None)
         if info is None:
