@@ -157,3 +157,12 @@ def test_load_rejects_a_directory_that_is_not_an_artifact(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": 99}))
     with pytest.raises(lowbit.UsageError, match="format 99 is not supported"):
         lowbit.load(tmp_path)
+
+
+def test_fp32_preset_is_the_uncompressed_baseline():
+    from lowbit.testing import random_ids, tiny_llama
+    model = tiny_llama()
+    cm = lowbit.compile(model, recipe="fp32", target="torch", progress=False)
+    ids = random_ids(1, 20)
+    assert cm.manifest["layers"] == {} and cm.manifest["passes"] == []
+    assert torch.equal(cm(ids), model(input_ids=ids).logits.detach())

@@ -60,7 +60,8 @@ class Recipe:
             raise RecipeError(f"unknown recipe key(s) {unknown}; valid keys: {list(_TOP_KEYS)}")
         steps = data.get("passes")
         if not isinstance(steps, list) or not steps:
-            raise RecipeError("a recipe needs 'passes': a non-empty list")
+            raise RecipeError("a recipe needs 'passes': a non-empty list (for an uncompressed "
+                          "baseline use the preset 'fp32')")
         return cls(name=str(data.get("name", "custom")),
                    description=str(data.get("description", "")),
                    passes=tuple(_step(s, i) for i, s in enumerate(steps)))

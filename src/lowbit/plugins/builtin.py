@@ -23,6 +23,7 @@ def lowbit_backends():
 def lowbit_presets():
     from lowbit.compiler.recipe import PassSpec, Recipe
     return [
+        Recipe("fp32", (), "no compression: the captured graph as is (baseline for comparisons)"),
         Recipe("w8a16", (PassSpec("rtn", {"bits": 8, "group_size": 128, "symmetric": True}),
                          PassSpec("pack")),
                "int8 weights (group 128, symmetric), float activations"),
