@@ -16,7 +16,7 @@ def format_table(rows: Sequence[Mapping], columns: Iterable[str] | None = None) 
 
     def cell(v):
         if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+            return f"{v:.3f}" if abs(v) < 1e3 else f"{v:,.0f}"
         if isinstance(v, int) and not isinstance(v, bool):
             return f"{v:,}"
         return "-" if v is None else str(v)
