@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["pack_codes", "unpack_codes", "pack_zero_points", "unpack_zero_points",
-           "packed_group_bytes"]
+           "packed_group_bytes", "packed_nbytes"]
 
 
 def packed_group_bytes(group: int, bits: int) -> int:
@@ -85,3 +85,23 @@ def pack_zero_points(zero_points: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_zero_points(packed: torch.Tensor, bits: int, n_groups: int) -> torch.Tensor:
     """Inverse of :func:`pack_zero_points`."""
     return _unpack_last(packed, bits, n_groups)
+
+
+def packed_nbytes(out_features: int, in_features: int, bits: int, group_size: int | None,
+                  symmetric: bool) -> int:
+    """Bytes a packed linear stores: codes + float32 scales (+ packed zero points).
+
+    ``N * n_groups * group*bits/8 + 4 * N * n_groups (+ N * zp_bytes)``, with K zero-padded to
+    whole groups, exactly what :func:`lowbit.passes.pack.pack_weight` produces.
+
+    >>> packed_nbytes(576, 576, 4, 128, symmetric=False)   # 576 x (5*64 + 5*4 + 3) B
+    197568
+    """
+    group = in_features if group_size is None else int(group_size)
+    n_groups = -(-in_features // group)
+    codes = n_groups * packed_group_bytes(group, bits)
+    zp = 0
+    if not symmetric:
+        per_byte = 8 // bits if 8 % bits == 0 else 8
+        zp = (-(-n_groups // per_byte) * per_byte) * bits // 8
+    return out_features * (codes + 4 * n_groups + zp)
