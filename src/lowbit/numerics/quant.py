@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "QuantizedWeight", "quantize_weight", "dequantize_weight", "group_layout",
+    "QuantizedWeight", "quantize_weight", "dequantize_weight", "group_layout", "grid_params",
+    "fake_quantize",
     "quantize_activation_per_token", "sqnr_db",
 ]
 
@@ -74,23 +75,39 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None,
     wd = w.detach().to(torch.float64)
     pad = n_groups * group - k
     wg = torch.nn.functional.pad(wd, (0, pad)).reshape(n, n_groups, group)
+    scales, zp = grid_params(wg, bits, symmetric, clip_ratio)
     qmax = 2 ** bits - 1
-    clip = torch.as_tensor(clip_ratio, dtype=torch.float64)
-    if symmetric:
-        half = 2 ** (bits - 1)
-        absmax = wg.abs().amax(-1) * clip
-        scales = (absmax / (half - 1)).clamp(min=1e-12)
-        zp = torch.full_like(scales, float(half))
-    else:
-        lo = wg.amin(-1).clamp(max=0) * clip
-        hi = wg.amax(-1).clamp(min=0) * clip
-        scales = ((hi - lo) / qmax).clamp(min=1e-12)
-        zp = torch.round(-lo / scales).clamp(0, qmax)
     codes = torch.clamp(torch.round(wg / scales[..., None]) + zp[..., None], 0, qmax)
     if pad:
         codes[:, -1, group - pad:] = zp[:, -1:].expand(n, pad)
     return QuantizedWeight(codes.to(torch.uint8), scales.to(torch.float32),
                            zp.to(torch.uint8), bits, group, k, symmetric)
+
+
+def grid_params(wg: torch.Tensor, bits: int, symmetric: bool,
+                clip_ratio: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each group ``wg [..., group]`` (float64; see module doc).
+
+    ``clip_ratio`` (scalar or shaped like ``wg[..., 0]``) shrinks the range before rounding.
+    """
+    wg = wg.to(torch.float64)
+    clip = torch.as_tensor(clip_ratio, dtype=torch.float64)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scales = (wg.abs().amax(-1) * clip / (half - 1)).clamp(min=1e-12)
+        return scales, torch.full_like(scales, float(half))
+    qmax = 2 ** bits - 1
+    lo = wg.amin(-1).clamp(max=0) * clip
+    hi = wg.amax(-1).clamp(min=0) * clip
+    scales = ((hi - lo) / qmax).clamp(min=1e-12)
+    return scales, torch.round(-lo / scales).clamp(0, qmax)
+
+
+def fake_quantize(w: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                  bits: int) -> torch.Tensor:
+    """``(clamp(round(w/s) + z, 0, 2**bits-1) - z) * s`` with ``s, z`` broadcast over ``w``."""
+    q = torch.clamp(torch.round(w / scales) + zero_points, 0, 2 ** bits - 1)
+    return (q - zero_points) * scales
 
 
 def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -7,10 +7,13 @@ from lowbit.plugins.hookspecs import hookimpl
 @hookimpl
 def lowbit_passes():
     from lowbit.passes.act_quant import act_quant
+    from lowbit.passes.awq import awq
     from lowbit.passes.calibrate import calibrate
+    from lowbit.passes.clip import clip
+    from lowbit.passes.gptq import gptq
     from lowbit.passes.pack import pack
     from lowbit.passes.rtn import rtn
-    return [calibrate, rtn, act_quant, pack]
+    return [calibrate, rtn, clip, gptq, awq, act_quant, pack]
 
 
 @hookimpl

@@ -1,0 +1,166 @@
+"""GPTQ (Frantar et al., 2022) and Hessian-weighted clipping search, as tensor functions.
+
+A linear ``y = x W^T`` quantized to ``Q`` has output error ``tr((W - Q) H (W - Q)^T) / 2`` with
+``H = 2 X^T X / n`` over calibration inputs ``X [n, K]``. GPTQ quantizes one input column at a
+time and spreads each column's rounding error over the columns not yet quantized, using the
+upper Cholesky factor ``U`` of ``H^-1``::
+
+    err_i = (w_i - q_i) / U_ii,        W[:, j] -= err_i * U_ij   for j > i
+
+Columns go in blocks of ``block_size`` with the update of later blocks deferred ("lazy batch
+updates"); ``act_order`` visits columns by decreasing ``H_ii``. Group scales and zero points
+are taken when the first column of a group is reached (its columns already carry the updates
+from earlier ones); with ``act_order`` they are fixed up front from the original weights
+("static groups"), so groups stay contiguous in the stored layout.
+
+Clipping search: per row and group, the range ratio ``r`` from ``ratios`` minimising the
+Hessian-weighted error ``e H_gg e^T`` of that group (``e = w - Q_r(w)``), which is the output
+error of the group up to cross-group terms.
+
+Example:
+    >>> import torch
+    >>> w, x = torch.randn(16, 64), torch.randn(256, 64)
+    >>> h = hessian_from_inputs(x)
+    >>> qw = gptq_quantize(w, h, bits=4, group_size=32, symmetric=False)
+    >>> rtn = quantize_weight(w, 4, 32, False)
+    >>> bool(output_error(w, dequantize_weight(qw), h) <= output_error(w, dequantize_weight(rtn), h))
+    True
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lowbit.numerics.quant import (QuantizedWeight, dequantize_weight, fake_quantize,
+                                   grid_params, group_layout, quantize_weight)
+
+__all__ = ["hessian_from_inputs", "output_error", "search_clip", "gptq_quantize",
+           "DEFAULT_CLIP_RATIOS"]
+
+#: Range ratios the clipping search tries (1.0 = no clipping).
+DEFAULT_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))   # 1.0 ... 0.6
+
+
+def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
+    """``H = 2 X^T X / n`` (float64) of inputs ``x [..., K]``."""
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return 2 * flat.T @ flat / max(flat.shape[0], 1)
+
+
+def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr((W - Q) H (W - Q)^T)``: the summed squared output error (times 2/n)."""
+    e = (w.to(torch.float64) - q.to(torch.float64))
+    return float(((e @ h) * e).sum())
+
+
+def _group_blocks(h: torch.Tensor, group: int, n_groups: int) -> torch.Tensor:
+    """Diagonal blocks ``H_gg`` ``[n_groups, group, group]`` (zero-padded past K)."""
+    k = h.shape[0]
+    hp = torch.nn.functional.pad(h, (0, n_groups * group - k, 0, n_groups * group - k))
+    idx = torch.arange(n_groups)
+    return hp.reshape(n_groups, group, n_groups, group)[idx, :, idx, :]
+
+
+def search_clip(w: torch.Tensor, h: torch.Tensor | None, bits: int, group_size: int | None,
+                symmetric: bool, ratios: Sequence[float] = DEFAULT_CLIP_RATIOS) -> torch.Tensor:
+    """Per row and group, the ratio in ``ratios`` with the least (H-weighted) error.
+
+    Returns ``[N, n_groups]``; ``h=None`` weighs every input channel equally.
+    """
+    n, k = w.shape
+    group, n_groups = group_layout(k, group_size)
+    wg = torch.nn.functional.pad(w.to(torch.float64), (0, n_groups * group - k))
+    wg = wg.reshape(n, n_groups, group)
+    blocks = None if h is None else _group_blocks(h.to(torch.float64), group, n_groups)
+    best = torch.full((n, n_groups), float("inf"), dtype=torch.float64)
+    choice = torch.ones(n, n_groups, dtype=torch.float64)
+    for r in ratios:
+        s, z = grid_params(wg, bits, symmetric, r)
+        s = s.to(torch.float32).to(torch.float64)   # as stored
+        e = wg - fake_quantize(wg, s[..., None], z[..., None], bits)
+        err = (e * e).sum(-1) if blocks is None else torch.einsum("ngi,gij,ngj->ng", e, blocks, e)
+        better = err < best
+        best = torch.where(better, err, best)
+        choice = torch.where(better, torch.full_like(choice, r), choice)
+    return choice
+
+
+def _prepare(w: torch.Tensor, h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero dead input channels, dampen ``H`` by ``damp * mean(diag H)``."""
+    w, h = w.to(torch.float64).clone(), h.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    return w, h
+
+
+def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1``, retrying with more damping if ``H`` is singular."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for extra in (0.0, 1e-4, 1e-3, 1e-2, 1e-1):
+        hd = h + extra * torch.diag(h).mean() * eye
+        l, info = torch.linalg.cholesky_ex(hd)
+        if info == 0:
+            hinv = torch.cholesky_inverse(l)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info == 0:
+                return u
+    raise ValueError("Hessian is not positive definite even after damping")
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None,
+                  symmetric: bool, *, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False, clip_ratios: Sequence[float] = (1.0,)
+                  ) -> QuantizedWeight:
+    """GPTQ of ``w [N, K]`` given ``H [K, K]`` (see module doc); returns the integer codes."""
+    n, k = w.shape
+    group, n_groups = group_layout(k, group_size)
+    w, h = _prepare(w, h, damp)
+    clip = (search_clip(w, h, bits, group_size, symmetric, clip_ratios)
+            if len(clip_ratios) > 1 else torch.ones(n, n_groups, dtype=torch.float64))
+    scales = torch.zeros(n, n_groups, dtype=torch.float64)
+    zeros = torch.zeros(n, n_groups, dtype=torch.float64)
+    have = torch.zeros(n_groups, dtype=torch.bool)
+    if act_order:   # static groups from the original weights
+        static = quantize_weight(w, bits, group_size, symmetric, clip)
+        scales, zeros = static.scales.to(torch.float64), static.zero_points.to(torch.float64)
+        have[:] = True
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = _inverse_cholesky(h)
+    codes = torch.zeros(n, k, dtype=torch.float64)
+    block_size = group * max(1, block_size // group)   # groups never straddle blocks
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group
+            if not have[g]:   # first column of its group (natural order): fix its grid now
+                s, z = grid_params(w1[:, i:i + min(group, k - col)], bits, symmetric, clip[:, g])
+                scales[:, g], zeros[:, g] = s.to(torch.float32).to(torch.float64), z
+                have[g] = True
+            s, z = scales[:, g], zeros[:, g]
+            q = torch.clamp(torch.round(w1[:, i] / s) + z, 0, 2 ** bits - 1)
+            codes[:, col] = q
+            e = (w1[:, i] - (q - z) * s) / u[i1 + i, i1 + i]
+            w1[:, i:] -= e[:, None] * u[i1 + i, i1 + i:i2][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return _assemble(codes, scales, zeros, bits, group, k, symmetric)
+
+
+def _assemble(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+              group: int, k: int, symmetric: bool) -> QuantizedWeight:
+    """Codes ``[N, K]`` -> :class:`QuantizedWeight` (padded codes dequantize to 0)."""
+    n, n_groups = scales.shape
+    pad = n_groups * group - k
+    full = torch.cat([codes, zeros[:, -1:].expand(n, pad)], 1) if pad else codes
+    return QuantizedWeight(full.reshape(n, n_groups, group).to(torch.uint8),
+                           scales.to(torch.float32), zeros.to(torch.uint8), bits, group, k,
+                           symmetric)
+
