@@ -13,7 +13,8 @@ def lowbit_passes():
     from lowbit.passes.gptq import gptq
     from lowbit.passes.pack import pack
     from lowbit.passes.rtn import rtn
-    return [calibrate, rtn, clip, gptq, awq, act_quant, pack]
+    from lowbit.passes.smooth import smooth
+    return [calibrate, rtn, clip, gptq, awq, smooth, act_quant, pack]
 
 
 @hookimpl
