@@ -139,6 +139,7 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
         figures["backend_max_rel_error_vs_torch"] = max(
             max_relative_error(r, g) for r, g in zip(reference, got))
     figures["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    figures["peak_rss_mb"] = _peak_rss_mb()
     figures["artifact_bytes"] = executable.nbytes
     manifest = {
         "format": FORMAT_VERSION, "backend": backend.name,
@@ -152,6 +153,16 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
         "plugins": registry.plugins,
     }
     return CompiledModel(executable, manifest, captured.tokenizer)
+
+
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far (MB), where the OS reports it."""
+    try:
+        import resource
+    except ImportError:   # not on Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)
 
 
 def _verify_inputs(batches, captured: Captured) -> dict[str, torch.Tensor]:
