@@ -21,10 +21,14 @@ def test_hessian_is_twice_the_input_second_moment():
     x = torch.randn(3, 7, 5, dtype=torch.float64)
     flat = x.reshape(-1, 5)
     torch.testing.assert_close(hessian_from_inputs(x), 2 * flat.T @ flat / 21)
+    h32 = hessian_from_inputs(x.float())     # float32 activations: float32 product
+    assert h32.dtype == torch.float64
+    torch.testing.assert_close(h32, 2 * flat.T @ flat / 21, rtol=1e-5, atol=1e-6)
 
 
 def test_output_error_is_the_summed_squared_output_difference():
-    w, h, x = _layer()
+    w, _, x = _layer()
+    h = hessian_from_inputs(x.double())
     q = w + 0.01 * torch.randn_like(w)
     direct = ((x.double() @ (w - q).double().T) ** 2).sum() * 2 / x.shape[0]
     assert output_error(w, q, h) == pytest.approx(float(direct), rel=1e-9)

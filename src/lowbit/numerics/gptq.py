@@ -43,9 +43,13 @@ DEFAULT_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))   # 1.0 ... 0.6
 
 
 def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
-    """``H = 2 X^T X / n`` (float64) of inputs ``x [..., K]``."""
-    flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    return 2 * flat.T @ flat / max(flat.shape[0], 1)
+    """``H = 2 X^T X / n`` (returned in float64) of inputs ``x [..., K]``.
+
+    The product runs in ``x``'s dtype (float32 activations: half the time of float64 and
+    ~1e-6 relative error on H, far below the damping GPTQ adds).
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    return (2 * flat.T @ flat).to(torch.float64) / max(flat.shape[0], 1)
 
 
 def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
