@@ -49,9 +49,10 @@ def test_staged_run_reads_weights_changed_after_it_started(capture_tiny):
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_gptq_and_clip_beat_rtn_on_output_sqnr(capture_tiny, run_passes, arch):
-    _, rtn = _sqnr(run_passes, capture_tiny(arch).graph, [{"rtn": W4}, "pack"])
-    _, clip = _sqnr(run_passes, capture_tiny(arch).graph, [{"clip": W4}, "pack"])
-    _, gptq = _sqnr(run_passes, capture_tiny(arch).graph, [{"gptq": W4}, "pack"])
+    graph = capture_tiny(arch).graph
+    _, rtn = _sqnr(run_passes, graph.copy(), [{"rtn": W4}, "pack"])
+    _, clip = _sqnr(run_passes, graph.copy(), [{"clip": W4}, "pack"])
+    _, gptq = _sqnr(run_passes, graph, [{"gptq": W4}, "pack"])
     assert clip > rtn and gptq > rtn + 1.0   # dB; measured on llama: 24.1 / 24.8 / 27.7
 
 
@@ -123,6 +124,7 @@ def test_awq_skips_post_norm_bert_with_reasons(capture_tiny, run_passes):
 
 
 def test_awq_then_rtn_beats_rtn(capture_tiny, run_passes):
-    _, rtn = _sqnr(run_passes, capture_tiny("llama").graph, [{"rtn": W4}, "pack"])
-    _, awq = _sqnr(run_passes, capture_tiny("llama").graph, [{"awq": W4}, {"rtn": W4}, "pack"])
+    graph = capture_tiny("llama").graph
+    _, rtn = _sqnr(run_passes, graph.copy(), [{"rtn": W4}, "pack"])
+    _, awq = _sqnr(run_passes, graph, [{"awq": W4}, {"rtn": W4}, "pack"])
     assert awq > rtn

@@ -106,6 +106,20 @@ def _translation(accuracy_level: int):
     return quant_linear
 
 
+def _hadamard_translation():
+    from onnxscript import opset18 as op
+
+    def hadamard(x, left, right):
+        """``y = A^T X B`` on the last dim viewed as ``[a, b]`` (two small MatMuls)."""
+        a, b = left.shape[0], right.shape[0]
+        shape = op.Shape(x)
+        lead = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[-1]))
+        xr = op.Reshape(x, op.Concat(lead, op.Constant(value_ints=[a, b]), axis=0))
+        y = op.MatMul(op.Transpose(left, perm=[1, 0]), op.MatMul(xr, right))
+        return op.Reshape(y, shape)
+    return hadamard
+
+
 def _u8_scalar(v: int):
     import onnx
     return onnx.numpy_helper.from_array(np.array(v, dtype=np.uint8))
@@ -138,7 +152,8 @@ def export_onnx(gm: torch.fx.GraphModule, spec: ModelSpec, path: Path,
     """Export ``gm`` (with lowbit nodes) to ``path`` (external data above ~1.8 GB)."""
     _require()
     args = tuple(spec.example_inputs[k] for k in spec.input_names)
-    table = {torch.ops.lowbit.quant_linear.default: _translation(accuracy_level)}
+    table = {torch.ops.lowbit.quant_linear.default: _translation(accuracy_level),
+             torch.ops.lowbit.hadamard.default: _hadamard_translation()}
     try:
         with _quiet():
             prog = torch.onnx.export(gm, args, input_names=list(spec.input_names),

@@ -104,6 +104,59 @@ class FxGraph:
         else:
             mod.register_buffer(leaf, value.detach().clone())
 
+    def _new_constant(self, key: str, value: torch.Tensor) -> str:
+        store = getattr(self.gm, _PACKED_MODULE)
+        name, i = key, 0
+        while hasattr(store, name):
+            i += 1
+            name = f"{key}_{i}"
+        store.register_buffer(name, value.detach().contiguous())
+        return f"{_PACKED_MODULE}.{name}"
+
+    def untie_constant(self, node: str, target: str, created_by: str) -> str:
+        """Give ``node`` its own copy of the constant ``target`` (shared with other nodes).
+
+        Returns the new constant's target. Used when tied weights (an embedding shared with
+        the output head) must change differently.
+        """
+        n = self.node(node)
+        olds = [a for a in n.all_input_nodes if a.op == "get_attr" and a.target == target]
+        if not olds:
+            raise KeyError(f"node '{node}' does not read constant '{target}'")
+        new_target = self._new_constant(f"{node}_{target.replace('.', '_')}",
+                                        self.attr(target).clone())
+        with self.gm.graph.inserting_before(n):
+            fresh = self.gm.graph.get_attr(new_target)
+        fresh.meta["lowbit_created_by"] = created_by
+        for old in olds:
+            n.replace_input_with(old, fresh)
+        self._dirty = True
+        self._index()
+        return new_target
+
+    def insert_before_input(self, site: LinearSite, op, constants: Sequence[torch.Tensor],
+                            created_by: str) -> str:
+        """Feed ``site`` with ``op(x, *constants)`` instead of its input ``x``.
+
+        ``op`` is a torch operator (``torch.ops.lowbit.hadamard.default``); the constants are
+        stored as buffers. Returns the new node's name.
+        """
+        n = self.node(site.node)
+        x = n.args[0] if n.target is _aten.linear.default else n.args[1]
+        graph = self.gm.graph
+        with graph.inserting_before(n):
+            args = [graph.get_attr(self._new_constant(f"{site.node}_{created_by}_{i}", t))
+                    for i, t in enumerate(constants)]
+            new = graph.call_function(op, (x, *args))
+        if "val" in x.meta:
+            new.meta["val"] = x.meta["val"]
+        new.meta["lowbit_created_by"] = created_by
+        new.meta["lowbit_source"] = site.name
+        n.replace_input_with(x, new)
+        self._dirty = True
+        self._index()
+        return new.name
+
     def set_attr(self, target: str, value: torch.Tensor) -> None:
         """Replace the constant ``target`` names (a pass folding values into a norm, say)."""
         self._set_attr(target, value)

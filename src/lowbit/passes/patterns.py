@@ -11,7 +11,7 @@ __all__ = ["VIEW_LIKE", "feeds_output_directly", "select_linears"]
 #: Ops that move or relabel values without computing new ones.
 VIEW_LIKE = frozenset({"alias", "view", "reshape", "to", "contiguous", "clone", "_to_copy",
                        "squeeze", "unsqueeze", "flatten", "detach", "expand", "slice",
-                       "_assert_tensor_metadata"})
+                       "_assert_tensor_metadata", "dropout"})
 
 
 def feeds_output_directly(graph: Graph, node: str) -> bool:
