@@ -46,7 +46,7 @@ class ScaleGroup:
 
 def _source(graph, node: str) -> str:
     """Walk up view-like single-input ops to the value they relabel."""
-    while graph.op(node) in VIEW_LIKE and len(graph.inputs(node)) == 1:
+    while graph.op(node) in VIEW_LIKE and graph.inputs(node):   # first input: the tensor
         node = graph.inputs(node)[0]
     return node
 

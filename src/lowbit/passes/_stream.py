@@ -37,7 +37,7 @@ class StreamPlan:
 
 
 def _source(graph, node: str) -> str:
-    while graph.op(node) in VIEW_LIKE and len(graph.inputs(node)) == 1:
+    while graph.op(node) in VIEW_LIKE and graph.inputs(node):   # first input: the tensor
         node = graph.inputs(node)[0]
     return node
 
