@@ -37,10 +37,12 @@ def rtn(graph, ctx) -> PassResult:
     o = ctx.options
     sites, skipped = select_linears(graph, o.include_head, o.exclude)
     quantized = ctx.analysis.setdefault("quantized_weights", {})
+    assignment = ctx.analysis.get("bit_assignment", {})   # from 'mixed', when it ran
     sqnr = {}
     for site in sites:
         w = graph.linear_weight(site)
-        qw = quantize_weight(w, o.bits, o.group_size, o.symmetric)
+        bits, group_size = assignment.get(site.node, (o.bits, o.group_size))
+        qw = quantize_weight(w, bits, group_size, o.symmetric)
         quantized[site.node] = qw
         sqnr[site.name] = round(sqnr_db(w, dequantize_weight(qw)), 2)
     return PassResult(changed=False, transformed=tuple(s.name for s in sites),

@@ -1,0 +1,150 @@
+"""mixed: HAWQ-V2 mixed-precision assignment under a budget in real bytes.
+
+1. Per-layer Hessian trace of the calibration loss (next-token cross-entropy for causal LMs,
+   else the squared distance to the float outputs) by Hutchinson's estimator,
+   ``tr(H) ~ mean_v v^T H v`` with Rademacher ``v`` and exact Hessian-vector products (double
+   backprop; attention runs its math kernel, which has second derivatives).
+2. Sensitivity of layer ``l`` at candidate format ``c``:
+   ``Omega_l(c) = tr(H_l) / n_l * |Q_c(W_l) - W_l|^2`` (HAWQ-V2).
+3. Linears reading one value (q/k/v, gate/up: a backend may fuse them) form one item and share
+   a format. Formats are chosen to minimise ``sum Omega`` subject to the packed bytes
+   (codes + float32 scales + packed zero points + padding, as the artifact stores them) being
+   at most ``budget / 8`` bytes per weight, exactly (ILP, :mod:`lowbit.numerics.bitalloc`).
+
+The result is a ``bit_assignment`` (layer node -> ``(bits, group_size)``) that the weight
+quantizers (``rtn``, ``clip``, ``gptq``) follow.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.compiler.passes import PassResult, graph_pass
+from lowbit.errors import PassError
+from lowbit.numerics.bitalloc import InfeasibleBudget, solve_allocation
+from lowbit.numerics.packing import packed_nbytes
+from lowbit.numerics.quant import dequantize_weight, quantize_weight
+from lowbit.passes._sequential import stages
+from lowbit.passes.patterns import select_linears
+
+__all__ = ["mixed", "MixedOptions", "parse_format"]
+
+_FORMAT = re.compile(r"^([2348])g(\d+)$")
+
+
+def parse_format(text: str) -> tuple[int, int]:
+    """``"4g128"`` -> ``(4, 128)``."""
+    m = _FORMAT.match(str(text))
+    if not m or int(m.group(2)) < 16 or int(m.group(2)) & (int(m.group(2)) - 1):
+        raise ValueError(f"candidate {text!r} is not '<bits>g<group>' with bits in 2/3/4/8 and "
+                         "a power-of-two group >= 16 (e.g. '4g128')")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass(frozen=True)
+class MixedOptions:
+    budget: float = 3.5             # average bits per weight, in real packed bytes
+    candidates: tuple[str, ...] = ("2g64", "3g128", "4g128", "8g128")
+    symmetric: bool = False
+    samples: int = 2                # Rademacher vectors per batch
+    max_batches: int = 2            # calibration batches for the traces
+    include_head: bool = False
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not 1 <= self.budget <= 16:
+            raise ValueError(f"budget (bits per weight) must be in [1, 16], got {self.budget}")
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        for c in self.candidates:
+            parse_format(c)
+        if not self.candidates or self.samples < 1 or self.max_batches < 1:
+            raise ValueError("need candidates, samples >= 1 and max_batches >= 1")
+
+
+def _loss(graph, batch, kind: str, reference):
+    out = graph.sync()(*[batch[k] for k in graph.placeholders()])
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if kind == "causal_lm":
+        ids = batch["input_ids"]
+        return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]),
+                                                 ids[:, 1:].reshape(-1))
+    return (out - reference).pow(2).mean()
+
+
+def hessian_traces(graph, sites, batches, kind: str, samples: int, seed: int = 0,
+                   progress: bool = False) -> dict[str, float]:
+    """Hutchinson estimate of ``tr(d^2 L / dW_l^2)`` per site (see module doc)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    params = [graph.attr(s.weight) for s in sites]
+    was = [p.requires_grad for p in params]
+    gen = torch.Generator().manual_seed(seed)
+    total = [0.0] * len(sites)
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for batch in tqdm(batches, desc="hessian trace", disable=not progress, leave=False):
+            reference = None if kind == "causal_lm" else graph.run(batch)[0]
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                grads = torch.autograd.grad(_loss(graph, batch, kind, reference),
+                                            params, create_graph=True)
+                for i in range(samples):
+                    vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1
+                          for p in params]
+                    hv = torch.autograd.grad(grads, params, grad_outputs=vs,
+                                             retain_graph=i < samples - 1)
+                    for j, (v, h) in enumerate(zip(vs, hv)):
+                        total[j] += float((v * h).sum())
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    n = len(batches) * samples
+    return {s.node: t / n for s, t in zip(sites, total)}
+
+
+@graph_pass(name="mixed", numerics="analysis", requires=("calibration",),
+            provides=("bit_assignment",), preserves=("graph",), options=MixedOptions)
+def mixed(graph, ctx) -> PassResult:
+    """Bits per layer minimising Hessian-weighted error under a byte budget (HAWQ-V2)."""
+    o = ctx.options
+    sites, skipped = select_linears(graph, o.include_head, o.exclude)
+    formats = [parse_format(c) for c in o.candidates]
+    traces = hessian_traces(graph, sites, ctx.calibration[: o.max_batches], ctx.model_kind,
+                            o.samples, progress=ctx.progress)
+    items = list(stages(graph, sites).values())
+    cost = torch.zeros(len(items), len(formats), dtype=torch.float64)
+    size = torch.zeros(len(items), len(formats), dtype=torch.float64)
+    for i, item in enumerate(items):
+        for s in item:
+            w = graph.linear_weight(s).to(torch.float64)
+            per_weight = max(traces[s.node], 0.0) / w.numel()
+            for c, (bits, group) in enumerate(formats):
+                err = dequantize_weight(quantize_weight(w, bits, group, o.symmetric),
+                                        torch.float64) - w
+                cost[i, c] += per_weight * float(err.pow(2).sum())
+                size[i, c] += packed_nbytes(s.out_features, s.in_features, bits, group,
+                                            o.symmetric)
+    weights = sum(s.in_features * s.out_features for s in sites)
+    budget = o.budget / 8 * weights
+    try:
+        choice = solve_allocation(cost, size, budget)
+    except InfeasibleBudget as e:
+        raise PassError(f"budget {o.budget} bits/weight ({e.budget:,.0f} B) cannot hold the "
+                        f"candidates {list(o.candidates)}: the smallest choice takes "
+                        f"{8 * e.minimum / weights:.3f} bits/weight. Fix: raise 'budget' or add "
+                        "a narrower candidate", pass_name="mixed") from e
+    assignment, bits_by_layer = {}, {}
+    for item, c in zip(items, choice):
+        for s in item:
+            assignment[s.node] = formats[c]
+            bits_by_layer[s.name] = "%dg%d" % formats[c]
+    ctx.analysis["bit_assignment"] = assignment
+    used = float(sum(size[i, c] for i, c in enumerate(choice)))
+    return PassResult(changed=False, transformed=tuple(bits_by_layer), skipped=tuple(skipped),
+                      metrics={"bits": bits_by_layer, "packed_bytes": int(used),
+                               "budget_bytes": int(budget),
+                               "bits_per_weight": round(8 * used / weights, 4),
+                               "hessian_trace": {s.name: traces[s.node] for s in sites}})

@@ -1,0 +1,89 @@
+"""mixed: exact allocation (vs brute force), Hutchinson traces, budgets in real bytes."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.numerics.bitalloc import InfeasibleBudget, solve_allocation
+from lowbit.passes.mixed import hessian_traces, parse_format
+from lowbit.testing import random_ids, tiny_llama
+
+CALIB = random_ids(4, 32, seed=3)
+CANDIDATES = ["2g16", "3g32", "4g32", "8g32"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_allocation_is_optimal_against_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.rand(6, 3, generator=g)
+    size = torch.randint(1, 10, (6, 3), generator=g)
+    budget = float(size.float().mean(1).sum())
+    choice = solve_allocation(cost, size, budget)
+    best = min((sum(cost[i, c] for i, c in enumerate(cs)), cs)
+               for cs in itertools.product(range(3), repeat=6)
+               if sum(size[i, c] for i, c in enumerate(cs)) <= budget)
+    assert sum(size[i, c] for i, c in enumerate(choice)) <= budget
+    assert float(sum(cost[i, c] for i, c in enumerate(choice))) == pytest.approx(float(best[0]))
+
+
+def test_infeasible_budget_names_the_minimum():
+    with pytest.raises(InfeasibleBudget, match="smallest possible 2"):
+        solve_allocation(torch.ones(2, 2), torch.ones(2, 2), budget=1)
+
+
+def test_hutchinson_trace_matches_the_exact_hessian_trace():
+    """One linear, MSE loss: the Hessian is I_3 (x) A with A = 2 X^T X / (40 * 3).
+
+    With orthogonal input columns A is diagonal, and then every Rademacher sample gives the
+    trace exactly, so the estimate must match to float error (the double-backprop path is
+    what is being checked).
+    """
+    from lowbit.compiler.capture import capture
+    lin = torch.nn.Linear(6, 3, bias=False)
+    q, _ = torch.linalg.qr(torch.randn(40, 6, generator=torch.Generator().manual_seed(0)))
+    scales = torch.arange(1.0, 7.0)
+    x = (q * scales)[None]
+    graph = capture(lin, example_inputs=(x,)).graph
+    site = graph.linears()[0]
+    name = graph.placeholders()[0]
+    est = hessian_traces(graph, [site], [{name: x}], "module", samples=3)[site.node]
+    exact = 3 * float(2 * scales.pow(2).sum() / 120)
+    assert est == pytest.approx(exact, rel=1e-4)
+
+
+def test_bad_candidates_are_rejected():
+    with pytest.raises(ValueError, match="not '<bits>g<group>'"):
+        parse_format("5g128")
+    with pytest.raises(lowbit.RecipeError, match="candidate"):
+        lowbit.compile(tiny_llama(), recipe={"passes": [{"mixed": {"candidates": ["4g100"]}},
+                                                        "rtn", "pack"]},
+                       target="torch", calibration=CALIB, progress=False)
+
+
+@pytest.mark.parametrize("budget", [4.5, 5.5])
+def test_budget_holds_in_packed_bytes_and_fused_layers_share_bits(budget):
+    recipe = {"passes": [{"mixed": {"budget": budget, "candidates": CANDIDATES}},
+                         {"rtn": {"bits": 4, "group_size": 32}}, "pack"]}
+    cm = lowbit.compile(tiny_llama(), recipe=recipe, target="torch", calibration=CALIB,
+                        progress=False)
+    mixed, _, pack = cm.manifest["passes"]
+    weights = sum(v["in_features"] * v["out_features"] for v in cm.manifest["layers"].values()
+                  if "bits" in v)
+    assert pack["metrics"]["packed_bytes"] == mixed["metrics"]["packed_bytes"]
+    assert pack["metrics"]["packed_bytes"] <= budget / 8 * weights
+    bits = mixed["metrics"]["bits"]
+    for layer in ("0", "1"):
+        qkv = {bits[f"model.layers.{layer}.self_attn.{p}_proj"] for p in "qkv"}
+        gate_up = {bits[f"model.layers.{layer}.mlp.{p}_proj"] for p in ("gate", "up")}
+        assert len(qkv) == 1 and len(gate_up) == 1
+    assert len(set(bits.values())) > 1       # really mixed
+
+
+def test_infeasible_budget_is_a_pass_error_with_the_fix():
+    recipe = {"passes": [{"mixed": {"budget": 3.0, "candidates": CANDIDATES}}, "rtn", "pack"]}
+    with pytest.raises(lowbit.PassError, match="smallest choice takes 4.125 bits/weight"):
+        lowbit.compile(tiny_llama(), recipe=recipe, target="torch", calibration=CALIB,
+                       progress=False)
