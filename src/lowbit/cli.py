@@ -21,12 +21,25 @@ def _kv(items):
     return out
 
 
+def _settings(pairs) -> dict:
+    """``["mixed.budget=3.0"]`` -> ``{"mixed": {"budget": 3.0}}`` (values parsed as YAML)."""
+    import yaml
+    out: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        pass_name, dot, option = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set takes PASS.OPTION=VALUE, got {pair!r}")
+        out.setdefault(pass_name, {})[option] = yaml.safe_load(value)
+    return out
+
+
 def cmd_compile(a):
     import lowbit
     cm = lowbit.compile(a.model, recipe=a.recipe, target=a.target, data_dir=a.data_dir,
                         calibration_samples=a.calibration_samples,
                         backend_options=_kv(a.option), verify=not a.no_verify,
-                        dump_dir=a.dump_dir)
+                        dump_dir=a.dump_dir, recipe_options=_settings(a.set))
     if a.eval:
         from lowbit.eval import perplexity
         r = perplexity(cm, cm.tokenizer, n_windows=a.eval, data_dir=a.data_dir)
@@ -116,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="onnxruntime", help="onnxruntime (cpu) or torch")
     c.add_argument("--out", required=True, help="artifact directory")
     c.add_argument("--option", action="append", help="backend option key=value")
+    c.add_argument("--set", action="append", metavar="PASS.OPTION=VALUE",
+                   help="override a recipe pass option, e.g. --set mixed.budget=3.0")
     c.add_argument("--calibration-samples", type=int, default=32)
     c.add_argument("--data-dir", default=None, help="WikiText-2 folder")
     c.add_argument("--dump-dir", default=None, help="write the graph after every pass here")

@@ -74,7 +74,11 @@ def _translation(accuracy_level: int):
     def quant_linear(x, qweight, scales, zero_points, bias, in_features, bits, group_size,
                      act_bits):
         n = qweight.shape[0]
-        if not act_bits:
+        if not act_bits and bits == 3:
+            y = op.MatMul(x, op.Transpose(_dequantize_3bit(op, qweight, scales, zero_points,
+                                                           in_features, group_size),
+                                          perm=[1, 0]))
+        elif not act_bits:
             args = [x, qweight, scales] + ([zero_points] if zero_points is not None else [])
             y = msft.MatMulNBits(*args, K=in_features, N=n, bits=bits, block_size=group_size,
                                  accuracy_level=accuracy_level)
@@ -104,6 +108,50 @@ def _translation(accuracy_level: int):
             y = op.Add(y, bias)
         return y
     return quant_linear
+
+
+def _unpack_3bit(op, packed, n_codes: int, lead):
+    """uint8 bytes ``[..., 3m]`` of a 3-bit little-endian stream -> float codes ``[lead, n]``.
+
+    Three bytes make one 24-bit word holding 8 codes (code j at bits 3j..3j+2); standard
+    integer ops only: ``code_j = (word / 8^j) mod 8``.
+    """
+    words = op.Reshape(op.Cast(packed, to=6), op.Constant(value_ints=[-1, 3]))   # int32
+    b0, b1, b2 = (op.Slice(words, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1]),
+                           op.Constant(value_ints=[1])) for i in range(3))
+    word = op.Add(op.Add(b0, op.Mul(b1, op.Constant(value=_i32(256)))),
+                  op.Mul(b2, op.Constant(value=_i32(65536))))
+    div = op.Constant(value=_i32([8 ** j for j in range(8)]))
+    codes = op.Mod(op.Div(word, div), op.Constant(value=_i32(8)))                  # [-1, 8]
+    codes = op.Reshape(codes, op.Constant(value_ints=[lead, -1]))
+    codes = op.Slice(codes, op.Constant(value_ints=[0]), op.Constant(value_ints=[n_codes]),
+                     op.Constant(value_ints=[1]))
+    return op.Cast(codes, to=1)
+
+
+def _dequantize_3bit(op, qweight, scales, zero_points, in_features: int, group_size: int):
+    """``W [N, K] = (q - z) * s`` from 3-bit packed bytes, in standard ops.
+
+    Only initializers feed it, so ONNX Runtime folds it into a float32 weight when the session
+    is created: the file keeps 3 bits per weight, memory and speed are those of float32.
+    """
+    n, n_groups = scales.shape[0], scales.shape[1]
+    codes = op.Reshape(_unpack_3bit(op, qweight, n_groups * group_size, n),
+                       op.Constant(value_ints=[n, n_groups, group_size]))
+    if zero_points is None:
+        z = op.Constant(value_float=4.0)
+    else:
+        z = op.Unsqueeze(_unpack_3bit(op, zero_points, n_groups, n),
+                         op.Constant(value_ints=[2]))
+    w = op.Mul(op.Sub(codes, z), op.Unsqueeze(scales, op.Constant(value_ints=[2])))
+    w = op.Reshape(w, op.Constant(value_ints=[n, -1]))
+    return op.Slice(w, op.Constant(value_ints=[0]), op.Constant(value_ints=[in_features]),
+                    op.Constant(value_ints=[1]))
+
+
+def _i32(values):
+    import onnx
+    return onnx.numpy_helper.from_array(np.array(values, dtype=np.int32))
 
 
 def _hadamard_translation():
@@ -225,6 +273,8 @@ def check_lowerable(graph) -> None:
                     f"{where}: onnxruntime lowers int8 activations only with 8-bit "
                     f"per-channel weights, got bits={q['bits']}, group_size={q['group_size']}. Fix: "
                     "rtn bits=8, group_size=null with act_quant, or target='torch'")
+        elif q["bits"] == 3:
+            continue            # standard-op lowering (_dequantize_3bit): any group size
         elif q["group_size"] not in _NBITS_BLOCKS or q["bits"] not in (2, 4, 8):
             raise LoweringError(
                 f"{where}: MatMulNBits needs bits in (2, 4, 8) and block size in "

@@ -16,7 +16,7 @@ from lowbit.compiler.context import PassContext
 from lowbit.compiler.instruments import GraphDump, Log, NumericVerifier, Timing, \
     max_relative_error
 from lowbit.compiler.manager import PassManager
-from lowbit.compiler.recipe import load_recipe, schedule
+from lowbit.compiler.recipe import load_recipe, override, schedule
 from lowbit.errors import DataError, UsageError
 from lowbit.plugins.manager import get_registry
 
@@ -98,7 +98,8 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
             data_dir: str | Path | None = None, calibration_samples: int = 32,
             backend_options: Mapping[str, Any] | None = None, verify: bool = True,
             verify_tolerance: float = 1e-4, dump_dir: str | Path | None = None,
-            progress: bool = True, disable_plugins: Iterable[str] = ()) -> CompiledModel:
+            progress: bool = True, disable_plugins: Iterable[str] = (),
+            recipe_options: Mapping[str, Mapping[str, Any]] | None = None) -> CompiledModel:
     """Compile ``model`` with ``recipe`` for ``target``; returns a :class:`CompiledModel`.
 
     Example (tiny random model; real models work the same way)::
@@ -112,7 +113,7 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
     t0 = time.perf_counter()
     registry = get_registry(disable_plugins)
     backend = resolve_backend(target, registry)
-    rec = load_recipe(recipe, registry.presets)
+    rec = override(load_recipe(recipe, registry.presets), recipe_options)
     passes = schedule(rec, registry)
     captured = capture(model, example_inputs=example_inputs, tokenizer=tokenizer)
     needs_data = any("calibration" in sp.info.requires for sp in passes)

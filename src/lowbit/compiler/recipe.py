@@ -23,7 +23,7 @@ from lowbit.compiler.manager import ScheduledPass
 from lowbit.compiler.passes import build_options
 from lowbit.errors import RecipeError
 
-__all__ = ["Recipe", "PassSpec", "load_recipe", "schedule"]
+__all__ = ["Recipe", "PassSpec", "load_recipe", "schedule", "override"]
 
 _TOP_KEYS = ("name", "description", "passes")
 _STEP_KEYS = ("pass", "options")
@@ -110,6 +110,27 @@ def load_recipe(recipe: str | os.PathLike | Mapping | Recipe, presets: Mapping[s
             raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from e
         return Recipe.from_dict(data)
     raise RecipeError(f"unknown recipe '{text}': not a preset ({sorted(presets)}) nor a file")
+
+
+def override(recipe: Recipe, options: Mapping[str, Mapping[str, Any]] | None) -> Recipe:
+    """``recipe`` with some passes' options replaced: ``{"mixed": {"budget": 3.0}}``.
+
+    Every named pass must be in the recipe (its options are then validated as usual).
+
+    >>> r = Recipe("x", (PassSpec("rtn", {"bits": 4}), PassSpec("pack")))
+    >>> dict(override(r, {"rtn": {"group_size": 64}}).passes[0].options)
+    {'bits': 4, 'group_size': 64}
+    """
+    if not options:
+        return recipe
+    names = [p.name for p in recipe.passes]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise RecipeError(f"cannot set options of {unknown}: recipe '{recipe.name}' runs only "
+                          f"{names}")
+    passes = tuple(PassSpec(p.name, {**p.options, **options.get(p.name, {})})
+                   for p in recipe.passes)
+    return Recipe(recipe.name, passes, recipe.description)
 
 
 def schedule(recipe: Recipe, registry) -> list[ScheduledPass]:
