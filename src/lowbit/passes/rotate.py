@@ -84,8 +84,8 @@ def rotate(graph, ctx) -> PassResult:
     if plan.problem is not None:
         return PassResult(changed=False, skipped=(("residual stream", plan.problem),))
     q = random_hadamard(plan.width, ctx.options.seed)
+    embeddings = _rotate_embeddings(graph, plan, q)   # first: a tied head changes below
     _fold_gammas(graph, plan)
-    embeddings = _rotate_embeddings(graph, plan, q)
     readers = [s for norm in plan.norms for s in norm.readers]
     for site in readers:
         _update(graph, site, lambda w: w @ q)
