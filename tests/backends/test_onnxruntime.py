@@ -87,9 +87,9 @@ def _optimized_model(path, directory):
 # -- agreement with the torch backend -----------------------------------------------------
 
 @pytest.mark.parametrize("recipe,options,rtol", [
-    ("w4a16", {}, 1e-4),                         # default accuracy_level 0: float math
+    ("w4a16-rtn", {}, 1e-4),                         # default accuracy_level 0: float math
     ("w8a16", {}, 1e-4),
-    ("w4a16", {"accuracy_level": 4}, 3e-2),      # int8-quantized activations inside ORT
+    ("w4a16-rtn", {"accuracy_level": 4}, 3e-2),      # int8-quantized activations inside ORT
     ("w8a16", {"accuracy_level": 4}, 3e-2),
 ], ids=["w4a16-level0", "w8a16-level0", "w4a16-level4", "w8a16-level4"])
 def test_weight_only_matches_torch_backend(compiled, saved, recipe, options, rtol):
@@ -114,7 +114,7 @@ def test_w8a8_matches_exact_integer_torch_reference(compiled):
 # -- the saved model --------------------------------------------------------------------------
 
 def test_w4a16_onnx_holds_matmulnbits_in_the_packed_layout(saved):
-    model = onnx.load(str(saved("w4a16")))
+    model = onnx.load(str(saved("w4a16-rtn")))
     inits = _initializers(model)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 14 and all(n.domain == MSFT for n in nbits)
@@ -146,7 +146,7 @@ def test_w8a8_onnx_uses_matmulinteger(saved):
     assert ops["MatMulInteger"] == 14 and ops["MatMulNBits"] == 0
 
 
-@pytest.mark.parametrize("recipe", ["w4a16", "w8a8"])
+@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8"])
 def test_saved_onnx_runs_in_a_plain_inference_session(compiled, saved, recipe):
     session = ort.InferenceSession(str(saved(recipe)), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input_ids"]
@@ -159,7 +159,7 @@ def test_saved_onnx_runs_in_a_plain_inference_session(compiled, saved, recipe):
 
 # -- what ONNX Runtime actually runs ---------------------------------------------------------
 
-@pytest.mark.parametrize("recipe,ours", [("w4a16", "MatMulNBits"), ("w8a8", "MatMulInteger")])
+@pytest.mark.parametrize("recipe,ours", [("w4a16-rtn", "MatMulNBits"), ("w8a8", "MatMulInteger")])
 def test_ort_keeps_our_quantized_matmuls(saved, recipe, ours, tmp_path):
     ops = optimized_op_types(saved(recipe))
     assert ops[ours] == 14
@@ -178,7 +178,7 @@ def test_ort_keeps_our_quantized_matmuls(saved, recipe, ours, tmp_path):
 # -- save / load --------------------------------------------------------------------------------
 
 def test_save_load_round_trip_is_identical(compiled, tmp_path, assert_only_safe_files):
-    cm = compiled("w4a16", "onnxruntime")
+    cm = compiled("w4a16-rtn", "onnxruntime")
     target = cm.save(tmp_path / "artifact")
     assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "model.onnx"]
     assert_only_safe_files(target)

@@ -82,13 +82,13 @@ def test_clip_search_never_loses_to_rtn_on_any_layer(plugin_name):
     get_registry(refresh=True)
     model = tiny_llama()
     runs = {recipe: lowbit.compile(model, recipe=recipe, target="torch", progress=False)
-            for recipe in ("w4a16-clip", "w4a16")}
+            for recipe in ("w4a16-clip", "w4a16-rtn")}
     clip_rec, pack_rec = runs["w4a16-clip"].manifest["passes"]
-    rtn_rec = runs["w4a16"].manifest["passes"][0]
+    rtn_rec = runs["w4a16-rtn"].manifest["passes"][0]
     assert (clip_rec["name"], clip_rec["plugin"], pack_rec["name"]) == (
         "clip_rtn", plugin_name, "pack")
-    # same grid as w4a16 (4 bits, group 128, asymmetric), so the packed layers agree in form
-    assert runs["w4a16-clip"].manifest["layers"] == runs["w4a16"].manifest["layers"]
+    # same grid as w4a16-rtn (4 bits, group 128, asymmetric): packed layers agree in form
+    assert runs["w4a16-clip"].manifest["layers"] == runs["w4a16-rtn"].manifest["layers"]
     clip_sqnr = clip_rec["metrics"]["weight_sqnr_db"]
     rtn_sqnr = rtn_rec["metrics"]["weight_sqnr_db"]
     assert set(clip_sqnr) == set(rtn_sqnr) and len(clip_sqnr) == 14

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import lowbit
 from lowbit.compiler.context import PassContext
@@ -40,11 +41,11 @@ def test_malformed_recipes_are_rejected(data, match):
 
 def test_unknown_pass_lists_the_registered_passes(registry):
     with pytest.raises(lowbit.RecipeError) as info:
-        _schedule({"passes": ["rtn", "gptq", "pack"]}, registry)
+        _schedule({"passes": ["rtn", "hqq", "pack"]}, registry)
     msg = str(info.value)
-    assert "unknown pass 'gptq'" in msg
+    assert "unknown pass 'hqq'" in msg
     listed = msg.split("registered passes: ")[1]
-    assert all(f"'{name}'" in listed for name in ("act_quant", "calibrate", "pack", "rtn"))
+    assert all(f"'{name}'" in listed for name in ("act_quant", "calibrate", "pack", "rtn", "gptq", "rotate", "mixed"))
 
 
 def test_unknown_option_lists_the_valid_options(registry):
@@ -119,15 +120,32 @@ def test_broken_or_missing_recipe_files(tmp_path, registry):
 @pytest.mark.parametrize("name,bits,group_size,symmetric,passes", [
     ("w8a16", 8, 128, True, ["rtn", "pack"]),
     ("w8a8", 8, None, True, ["rtn", "act_quant", "pack"]),
-    ("w4a16", 4, 128, False, ["rtn", "pack"]),
+    ("w4a16-rtn", 4, 128, False, ["rtn", "pack"]),
+    ("w4a16", 4, 128, False, ["rotate", "gptq", "pack"]),
+    ("w3a16", 3, 128, False, ["rotate", "gptq", "pack"]),
+    ("w2a16", 2, 64, False, ["rotate", "gptq", "pack"]),
+    ("mixed", 4, 128, False, ["rotate", "mixed", "gptq", "pack"]),
 ])
 def test_presets(registry, name, bits, group_size, symmetric, passes):
     recipe = load_recipe(name, registry.presets)
     assert recipe.name == name and [p.name for p in recipe.passes] == passes
     scheduled = schedule(recipe, registry)
-    rtn = scheduled[0].options
+    rtn = next(s.options for s in scheduled if s.info.name in ("rtn", "gptq"))
     assert (rtn.bits, rtn.group_size, rtn.symmetric) == (bits, group_size, symmetric)
-    PassManager(scheduled).check(PassContext())  # the preset's order satisfies every contract
+    needs_data = any("calibration" in s.info.requires for s in scheduled)
+    ctx = PassContext(calibration=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}]
+                      if needs_data else [])
+    PassManager(scheduled).check(ctx)  # the preset's order satisfies every contract
+
+
+def test_preset_options_can_be_overridden(registry):
+    from lowbit.compiler.recipe import override
+    recipe = override(load_recipe("mixed", registry.presets), {"mixed": {"budget": 3.0}})
+    assert recipe.passes[1].options["budget"] == 3.0
+    with pytest.raises(lowbit.RecipeError, match=r"cannot set options of \['awq'\].*runs only"):
+        override(recipe, {"awq": {"grid": 3}})
+    with pytest.raises(lowbit.RecipeError, match="no option"):
+        schedule(override(recipe, {"mixed": {"budgett": 3.0}}), registry)
 
 
 def test_recipe_round_trips_through_dict():
