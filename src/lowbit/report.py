@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Mapping, Sequence
 
-__all__ = ["format_report", "format_table"]
+__all__ = ["format_report", "format_table", "bit_assignment", "plot_bits"]
 
 
 def format_table(rows: Sequence[Mapping], columns: Iterable[str] | None = None) -> str:
@@ -59,4 +59,46 @@ def format_report(manifest: Mapping) -> str:
         kinds = Counter(f"W{v['bits']}A{v['act_bits'] or 16} g{v['group_size']} "
                         f"{'sym' if v['symmetric'] else 'asym'}" for v in layers.values())
         out += ["layers", *(f"  {n:>4} x {k}" for k, n in sorted(kinds.items()))]
+    assigned = bit_assignment(m)
+    if assigned:
+        metrics = next(p["metrics"] for p in m["passes"] if p["name"] == "mixed")
+        out += ["", f"bits per layer (mixed: {metrics['bits_per_weight']} bits/weight, "
+                    f"{metrics['packed_bytes']:,} of {metrics['budget_bytes']:,} budget bytes)",
+                *(f"  {name:<40} {fmt}" for name, fmt in assigned.items())]
     return "\n".join(out)
+
+
+def bit_assignment(manifest: Mapping) -> dict[str, str]:
+    """Layer -> ``"<bits>g<group>"`` chosen by a ``mixed`` pass, if one ran."""
+    for p in manifest.get("passes", []):
+        if p["name"] == "mixed":
+            return dict(p["metrics"].get("bits", {}))
+    return {}
+
+
+def plot_bits(manifest: Mapping, path) -> bool:
+    """Bar chart of bits per layer with the Hessian trace on a second axis (PNG)."""
+    assigned = bit_assignment(manifest)
+    if not assigned:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = next(p["metrics"] for p in manifest["passes"] if p["name"] == "mixed")
+    names = list(assigned)
+    bits = [int(assigned[n].split("g")[0]) for n in names]
+    traces = [metrics.get("hessian_trace", {}).get(n, 0.0) for n in names]
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.08), 4))
+    ax.bar(range(len(names)), bits, color="tab:blue", width=0.9)
+    ax.set_ylabel("bits")
+    ax.set_xlabel("layer (graph order)")
+    ax.set_title(f"{manifest['model']['name'].split('/')[-1]}: "
+                 f"{metrics['bits_per_weight']} bits/weight")
+    ax2 = ax.twinx()
+    ax2.plot(range(len(names)), traces, color="tab:red", lw=0.8)
+    ax2.set_yscale("symlog")
+    ax2.set_ylabel("Hessian trace", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -87,3 +87,17 @@ def test_infeasible_budget_is_a_pass_error_with_the_fix():
     with pytest.raises(lowbit.PassError, match="smallest choice takes 4.125 bits/weight"):
         lowbit.compile(tiny_llama(), recipe=recipe, target="torch", calibration=CALIB,
                        progress=False)
+
+
+def test_report_and_saved_plot_show_bits_per_layer(tmp_path):
+    recipe = {"passes": [{"mixed": {"budget": 5.0, "candidates": CANDIDATES}},
+                         {"rtn": {"bits": 4, "group_size": 32}}, "pack"]}
+    cm = lowbit.compile(tiny_llama(), recipe=recipe, target="torch", calibration=CALIB,
+                        progress=False)
+    report = cm.report()
+    assert "bits per layer (mixed:" in report
+    assert "model.layers.1.mlp.down_proj" in report.split("bits per layer")[1]
+    cm.save(tmp_path / "a")
+    png = (tmp_path / "a" / "bits.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bits.png" in lowbit.load(tmp_path / "a").manifest["files"]

@@ -84,6 +84,9 @@ class CompiledModel:
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(str(tmp / _TOKENIZER))
             self.figures["artifact_bytes"] = sum((tmp / f).stat().st_size for f in files)
+            from lowbit.report import plot_bits
+            if plot_bits(self.manifest, tmp / "bits.png"):
+                files = [*files, "bits.png"]
             self.manifest["files"] = sorted(files)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, default=str),
                                         encoding="utf-8")
