@@ -38,6 +38,10 @@ from lowbit.numerics.quant import (QuantizedWeight, dequantize_weight, fake_quan
 __all__ = ["hessian_from_inputs", "output_error", "search_clip", "gptq_quantize",
            "DEFAULT_CLIP_RATIOS"]
 
+#: GPTQ's working precision. float32 as in the reference implementations: with the damping
+#: the Cholesky factors are well conditioned, and it is ~3x faster than float64 here.
+_DTYPE = torch.float32
+
 #: Range ratios the clipping search tries (1.0 = no clipping).
 DEFAULT_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))   # 1.0 ... 0.6
 
@@ -74,7 +78,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor | None, bits: int, group_size: 
     """
     n, k = w.shape
     group, n_groups = group_layout(k, group_size)
-    wg = torch.nn.functional.pad(w.to(torch.float64), (0, n_groups * group - k))
+    wg = torch.nn.functional.pad(w.to(torch.float32), (0, n_groups * group - k))
     wg = wg.reshape(n, n_groups, group)
     # the search only ranks candidates: float32 batched products are plenty and ~20x faster
     blocks = None if h is None else _group_blocks(h.to(torch.float32), group, n_groups)
@@ -82,8 +86,8 @@ def search_clip(w: torch.Tensor, h: torch.Tensor | None, bits: int, group_size: 
     choice = torch.ones(n, n_groups, dtype=torch.float64)
     for r in ratios:
         s, z = grid_params(wg, bits, symmetric, r)
-        s = s.to(torch.float32).to(torch.float64)   # as stored
-        e = (wg - fake_quantize(wg, s[..., None], z[..., None], bits)).to(torch.float32)
+        s, z = s.to(torch.float32), z.to(torch.float32)   # scales as stored
+        e = wg - fake_quantize(wg, s[..., None], z[..., None], bits)
         if blocks is None:
             err = (e * e).sum(-1)
         else:
@@ -98,11 +102,11 @@ def search_clip(w: torch.Tensor, h: torch.Tensor | None, bits: int, group_size: 
 
 def _prepare(w: torch.Tensor, h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero dead input channels, dampen ``H`` by ``damp * mean(diag H)``."""
-    w, h = w.to(torch.float64).clone(), h.to(torch.float64).clone()
+    w, h = w.to(_DTYPE).clone(), h.to(_DTYPE).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     return w, h
 
 
@@ -129,13 +133,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
     group, n_groups = group_layout(k, group_size)
     w, h = _prepare(w, h, damp)
     clip = (search_clip(w, h, bits, group_size, symmetric, clip_ratios)
-            if len(clip_ratios) > 1 else torch.ones(n, n_groups, dtype=torch.float64))
-    scales = torch.zeros(n, n_groups, dtype=torch.float64)
-    zeros = torch.zeros(n, n_groups, dtype=torch.float64)
+            if len(clip_ratios) > 1 else torch.ones(n, n_groups, dtype=_DTYPE))
+    scales = torch.zeros(n, n_groups, dtype=_DTYPE)
+    zeros = torch.zeros(n, n_groups, dtype=_DTYPE)
     have = torch.zeros(n_groups, dtype=torch.bool)
     if act_order:   # static groups from the original weights
         static = quantize_weight(w, bits, group_size, symmetric, clip)
-        scales, zeros = static.scales.to(torch.float64), static.zero_points.to(torch.float64)
+        scales, zeros = static.scales.to(_DTYPE), static.zero_points.to(_DTYPE)
         have[:] = True
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
@@ -156,16 +160,16 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
 def _columns(w, u, perm, scales, zeros, have, clip, bits, group, block_size, symmetric):
     """The GPTQ column loop (module doc); fills ``scales``/``zeros`` of groups reached first."""
     n, k = w.shape
-    codes = torch.zeros(n, k, dtype=torch.float64)
+    codes = torch.zeros(n, k, dtype=_DTYPE)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=_DTYPE)
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             g = col // group
             if not have[g]:   # first column of its group (natural order): fix its grid now
                 s, z = grid_params(w1[:, i:i + min(group, k - col)], bits, symmetric, clip[:, g])
-                scales[:, g], zeros[:, g] = s.to(torch.float32).to(torch.float64), z
+                scales[:, g], zeros[:, g] = s.to(_DTYPE), z.to(_DTYPE)
                 have[g] = True
             s, z = scales[:, g], zeros[:, g]
             q = torch.clamp(torch.round(w1[:, i] / s) + z, 0, 2 ** bits - 1)
