@@ -72,8 +72,9 @@ def main() -> None:
     ap.add_argument("--recipe-json", action="append", default=[],
                     help="an extra recipe as JSON (repeatable)")
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (PROTOCOL: 2)")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     registry = get_registry()
     base = capture(a.model)
     batches = calibration_batches(None, base, True)
