@@ -92,3 +92,16 @@ def hadamard(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.
 @hadamard.register_fake
 def _hadamard_fake(x, left, right):
     return torch.empty_like(x)
+
+
+def _hadamard_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _hadamard_backward(ctx, grad):
+    """``y = A^T X B`` is linear: ``dX = A dY B^T`` (itself differentiable: HVPs work)."""
+    left, right = ctx.saved_tensors
+    return hadamard(grad, left.T.contiguous(), right.T.contiguous()), None, None
+
+
+hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)

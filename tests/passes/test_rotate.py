@@ -117,3 +117,11 @@ def test_rotated_quantized_model_lowers_on_onnxruntime_and_round_trips(tmp_path)
     cm.save(tmp_path / "a")
     ids = random_ids(1, 9, seed=5)
     torch.testing.assert_close(lowbit.load(tmp_path / "a")(ids), cm(ids))
+
+
+def test_online_op_has_first_and_second_derivatives():
+    """``mixed`` takes Hessian-vector products through rotated graphs."""
+    x = torch.randn(2, 3, 128, dtype=torch.float64, requires_grad=True)
+    left, right = hadamard_matrix(4), hadamard_matrix(32)
+    fn = lambda t: torch.ops.lowbit.hadamard(t, left, right) ** 2  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))
