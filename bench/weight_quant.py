@@ -56,7 +56,7 @@ def run_recipe(base, recipe: Recipe, registry, batches, ids) -> dict:
     PassManager(passes, [Timing()], catalog=registry.passes.values()).run(graph_copy.graph, ctx)
     seconds = time.perf_counter() - t0
     fn = lambda x: graph_copy.graph.run({"input_ids": x})[0]  # noqa: E731
-    packed = sum(r.metrics.get("packed_bytes", 0) for r in ctx.records)
+    packed = sum(r.metrics.get("packed_bytes", 0) for r in ctx.records if r.name == "pack")
     return {"recipe": recipe.name, "ppl": round(perplexity(fn, None, windows=ids,
                                                            progress=False)["ppl"], 3),
             "pass_seconds": round(seconds, 1), "packed_bytes": packed,
