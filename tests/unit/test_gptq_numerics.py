@@ -93,3 +93,24 @@ def test_awq_search_never_loses_to_alpha_zero():
     assert err <= base
     assert err == pytest.approx(scaled_quant_error([w], h, s, 4, 32, False))
     assert base == pytest.approx(scaled_quant_error([w], h, torch.ones(96), 4, 32, False))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_rows_are_independent_given_the_hessian(act_order):
+    """Layers sharing an input are quantized as one stacked matrix: that must equal one by one."""
+    w, h, _ = _layer(n=40)
+    parts = (w[:16], w[16:])
+    whole = gptq_quantize(w, h, 4, 32, False, act_order=act_order, clip_ratios=(1.0, 0.9, 0.8))
+    for rows, part in zip((slice(0, 16), slice(16, 40)), parts):
+        alone = gptq_quantize(part, h, 4, 32, False, act_order=act_order,
+                              clip_ratios=(1.0, 0.9, 0.8))
+        torch.testing.assert_close(dequantize_weight(alone), dequantize_weight(whole)[rows],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_stage_hessian_accumulates_batches_like_one_product():
+    from lowbit.passes._sequential import stage_hessian
+    xs = [torch.randn(2, 30, 12), torch.randn(1, 17, 12)]
+    flat = torch.cat([x.reshape(-1, 12) for x in xs]).double()
+    torch.testing.assert_close(stage_hessian(xs), 2 * flat.T @ flat / flat.shape[0],
+                               rtol=1e-5, atol=1e-6)

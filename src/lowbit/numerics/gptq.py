@@ -57,8 +57,11 @@ def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
 
 
 def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """``tr((W - Q) H (W - Q)^T)``: the summed squared output error (times 2/n)."""
-    e = (w.to(torch.float64) - q.to(torch.float64))
+    """``tr((W - Q) H (W - Q)^T)``: the summed squared output error (times 2/n).
+
+    Computed in ``h``'s dtype (pass a float32 ``h`` for a fast estimate).
+    """
+    e = (w.to(h.dtype) - q.to(h.dtype))
     return float(((e @ h) * e).sum())
 
 
@@ -158,26 +161,36 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
 
 
 def _columns(w, u, perm, scales, zeros, have, clip, bits, group, block_size, symmetric):
-    """The GPTQ column loop (module doc); fills ``scales``/``zeros`` of groups reached first."""
+    """The GPTQ column loop (module doc); fills ``scales``/``zeros`` of groups reached first.
+
+    Python scalars (column order, diagonal of ``U``, groups already gridded) are read once up
+    front: indexing a tensor per column costs more than the column's arithmetic.
+    """
     n, k = w.shape
     codes = torch.zeros(n, k, dtype=_DTYPE)
+    order, diag, have = perm.tolist(), torch.diagonal(u).tolist(), have.tolist()
+    top = float(2 ** bits - 1)
+    q = torch.empty(n, dtype=_DTYPE)
+    e = torch.empty(n, dtype=_DTYPE)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=_DTYPE)
+        u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = order[i1 + i]
             g = col // group
             if not have[g]:   # first column of its group (natural order): fix its grid now
                 s, z = grid_params(w1[:, i:i + min(group, k - col)], bits, symmetric, clip[:, g])
                 scales[:, g], zeros[:, g] = s.to(_DTYPE), z.to(_DTYPE)
                 have[g] = True
-            s, z = scales[:, g], zeros[:, g]
-            q = torch.clamp(torch.round(w1[:, i] / s) + z, 0, 2 ** bits - 1)
+            s, z, wi = scales[:, g], zeros[:, g], w1[:, i]
+            torch.div(wi, s, out=q).round_().add_(z).clamp_(0.0, top)
             codes[:, col] = q
-            e = (w1[:, i] - (q - z) * s) / u[i1 + i, i1 + i]
-            w1[:, i:] -= e[:, None] * u[i1 + i, i1 + i:i2][None, :]
+            # e = (w_i - (q - z) s) / U_ii, then the rank-1 update of the block's later columns
+            torch.sub(q, z, out=e).mul_(s).neg_().add_(wi).div_(diag[i1 + i])
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
             err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
     return codes
 
 

@@ -8,6 +8,7 @@ back (dequantized) into the graph, so later stages see the quantization error.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from typing import Callable
 
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.compiler.passes import PassResult
-from lowbit.numerics.gptq import hessian_from_inputs, output_error
+from lowbit.numerics.gptq import output_error
 from lowbit.numerics.quant import QuantizedWeight, dequantize_weight, quantize_weight
 from lowbit.passes.patterns import select_linears
 
@@ -35,14 +36,31 @@ def stages(graph, sites) -> "OrderedDict[str, list]":
 
 
 def stage_hessian(values: list[torch.Tensor]) -> torch.Tensor:
-    """``2 X^T X / n`` over every batch's input (float64)."""
+    """``2 X^T X / n`` over every batch's input (returned in float64).
+
+    Accumulated in place in the activations' dtype: one ``addmm`` per batch, no per-batch
+    float64 copies (float32 sums of 16k rows keep ~1e-6 relative error, far below GPTQ's
+    damping).
+    """
     total, count = None, 0
     for x in values:
-        n = x.numel() // x.shape[-1]
-        h = hessian_from_inputs(x) * n
-        total = h if total is None else total + h
-        count += n
-    return total / max(count, 1)
+        flat = x.reshape(-1, x.shape[-1])
+        if total is None:
+            total = torch.zeros(flat.shape[1], flat.shape[1], dtype=flat.dtype)
+        total.addmm_(flat.T, flat, alpha=2.0)
+        count += flat.shape[0]
+    return total.to(torch.float64) / max(count, 1)
+
+
+def _split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """Row blocks of a quantized weight (the layers of a stage quantized together)."""
+    out, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        out.append(dataclasses.replace(qw, codes=qw.codes[rows], scales=qw.scales[rows],
+                                       zero_points=qw.zero_points[rows]))
+        start += n
+    return out
 
 
 def quantize_sequentially(graph, ctx, name: str, quantize: Quantizer) -> PassResult:
@@ -60,16 +78,24 @@ def quantize_sequentially(graph, ctx, name: str, quantize: Quantizer) -> PassRes
     groups = stages(graph, sites)
     for node, group in tqdm(groups.items(), desc=name, disable=not ctx.progress, leave=False):
         h = stage_hessian(run.advance(node))
+        # layers reading one value share H: those on one grid are quantized as one matrix
+        # (GPTQ and the clipping search are row-independent given H), saving loop overhead
+        by_format: dict = {}
         for site in group:
-            bits, group_size = assignment.get(site.node, (o.bits, o.group_size))
-            w = graph.linear_weight(site)
-            w64 = w.to(torch.float64)
-            qw = quantize(w64, h, bits, group_size)
-            deq = dequantize_weight(qw)
-            rtn = dequantize_weight(quantize_weight(w64, bits, group_size, o.symmetric))
-            gain[site.name] = round(output_error(w64, deq, h)
-                                    / max(output_error(w64, rtn, h), 1e-30), 4)
-            graph.set_linear_weight(site, deq.to(w.dtype))
-            quantized[site.node] = qw
+            fmt = assignment.get(site.node, (o.bits, o.group_size))
+            by_format.setdefault(fmt, []).append(site)
+        for (bits, group_size), same in by_format.items():
+            weights = [graph.linear_weight(site) for site in same]
+            w64 = torch.cat(weights).to(torch.float64)
+            parts = _split_rows(quantize(w64, h, bits, group_size),
+                                [w.shape[0] for w in weights])
+            h32 = h.to(torch.float32)
+            for site, w, qw in zip(same, weights, parts):
+                deq = dequantize_weight(qw)
+                rtn = dequantize_weight(quantize_weight(w, bits, group_size, o.symmetric))
+                gain[site.name] = round(output_error(w, deq, h32)
+                                        / max(output_error(w, rtn, h32), 1e-30), 4)
+                graph.set_linear_weight(site, deq.to(w.dtype))
+                quantized[site.node] = qw
     return PassResult(transformed=tuple(gain), skipped=tuple(skipped),
                       metrics={"output_error_vs_rtn": gain, "stages": len(groups)})
