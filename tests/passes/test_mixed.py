@@ -101,3 +101,28 @@ def test_report_and_saved_plot_show_bits_per_layer(tmp_path):
     png = (tmp_path / "a" / "bits.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bits.png" in lowbit.load(tmp_path / "a").manifest["files"]
+
+
+def test_traces_are_cached_per_weights_and_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    recipe = {"passes": [{"mixed": {"budget": 5.0, "candidates": CANDIDATES}},
+                         {"rtn": {"bits": 4, "group_size": 32}}, "pack"]}
+
+    def run(nudge, calib, budget=5.0):
+        model = tiny_llama()
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[0, 0] += nudge
+        recipe["passes"][0]["mixed"]["budget"] = budget
+        cm = lowbit.compile(model, recipe=recipe, target="torch", calibration=calib,
+                            progress=False)
+        return cm.manifest["passes"][0]["metrics"]
+
+    first = run(0, CALIB)
+    again = run(0, CALIB, budget=4.5)                 # another budget: same traces, a hit
+    assert not first["traces_from_cache"] and again["traces_from_cache"]
+    assert again["hessian_trace"] == first["hessian_trace"]
+    assert len(list((tmp_path / "traces").glob("*.json"))) == 1
+    assert not run(0, random_ids(4, 32, seed=4))["traces_from_cache"]      # new data
+    assert not run(1e-3, CALIB)["traces_from_cache"]                          # new weights
+    assert len(list((tmp_path / "traces").glob("*.json"))) == 3
+    assert not list((tmp_path / "traces").glob("*.tmp"))

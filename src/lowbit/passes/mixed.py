@@ -11,12 +11,20 @@
    (codes + float32 scales + packed zero points + padding, as the artifact stores them) being
    at most ``budget / 8`` bytes per weight, exactly (ILP, :mod:`lowbit.numerics.bitalloc`).
 
+The traces depend only on the weights, the calibration batches and the estimator's settings,
+not on the budget, so they are cached on disk (``$LOWBIT_CACHE/traces``, keyed by a hash of
+all of those): compiling again at another budget skips the expensive part.
+
 The result is a ``bit_assignment`` (layer node -> ``(bits, group_size)``) that the weight
 quantizers (``rtn``, ``clip``, ``gptq``) follow.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +61,7 @@ class MixedOptions:
     max_batches: int = 2            # calibration batches for the traces
     include_head: bool = False
     exclude: tuple[str, ...] = ()
+    cache: bool = True              # reuse Hessian traces computed before (see module doc)
 
     def __post_init__(self):
         if not 1 <= self.budget <= 16:
@@ -105,6 +114,36 @@ def hessian_traces(graph, sites, batches, kind: str, samples: int, seed: int = 0
     return {s.node: t / n for s, t in zip(sites, total)}
 
 
+def _trace_key(graph, sites, batches, kind: str, samples: int) -> str:
+    """Hash of everything the traces depend on: weights, calibration inputs, estimator."""
+    h = hashlib.sha256(json.dumps([kind, samples, [s.name for s in sites]]).encode())
+    for s in sites:
+        h.update(graph.linear_weight(s).detach().contiguous().numpy().tobytes())
+    for batch in batches:
+        for k in sorted(batch):
+            h.update(k.encode())
+            h.update(batch[k].contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def cached_traces(graph, sites, batches, kind: str, samples: int, progress: bool,
+                  use_cache: bool) -> tuple[dict[str, float], bool]:
+    """:func:`hessian_traces`, read from or written to the on-disk cache; ``(traces, hit)``."""
+    if not use_cache:
+        return hessian_traces(graph, sites, batches, kind, samples, progress=progress), False
+    from lowbit.data.models import cache_dir
+    path = cache_dir() / "traces" / f"{_trace_key(graph, sites, batches, kind, samples)}.json"
+    if path.is_file():
+        return json.loads(path.read_text()), True
+    traces = hessian_traces(graph, sites, batches, kind, samples, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")   # never a half-written file
+    with os.fdopen(fd, "w") as f:
+        json.dump(traces, f)
+    os.replace(tmp, path)
+    return traces, False
+
+
 @graph_pass(name="mixed", numerics="analysis", requires=("calibration",),
             provides=("bit_assignment",), preserves=("graph",), options=MixedOptions)
 def mixed(graph, ctx) -> PassResult:
@@ -112,8 +151,8 @@ def mixed(graph, ctx) -> PassResult:
     o = ctx.options
     sites, skipped = select_linears(graph, o.include_head, o.exclude)
     formats = [parse_format(c) for c in o.candidates]
-    traces = hessian_traces(graph, sites, ctx.calibration[: o.max_batches], ctx.model_kind,
-                            o.samples, progress=ctx.progress)
+    traces, hit = cached_traces(graph, sites, ctx.calibration[: o.max_batches],
+                                ctx.model_kind, o.samples, ctx.progress, o.cache)
     items = list(stages(graph, sites).values())
     cost = torch.zeros(len(items), len(formats), dtype=torch.float64)
     size = torch.zeros(len(items), len(formats), dtype=torch.float64)
@@ -147,4 +186,5 @@ def mixed(graph, ctx) -> PassResult:
                       metrics={"bits": bits_by_layer, "packed_bytes": int(used),
                                "budget_bytes": int(budget),
                                "bits_per_weight": round(8 * used / weights, 4),
+                      "traces_from_cache": hit,
                                "hessian_trace": {s.name: traces[s.node] for s in sites}})
