@@ -57,7 +57,7 @@ def lowbit_presets():
                "int2 weights (group 64, asymmetric): rotation + GPTQ"),
         Recipe("mixed", (PassSpec("rotate"), PassSpec("mixed", {"budget": 3.5}),
                          PassSpec("gptq", _GPTQ), PassSpec("pack")),
-               "bits per layer (2g64/3g128/4g128/8g128) by HAWQ-V2 under a budget of average "
+               "bits per layer (2g64/3g64/3g128/4g64/4g128/8g128) by HAWQ-V2 under a budget of average "
                "bits per weight in packed bytes (option mixed.budget, default 3.5): rotation, "
                "then GPTQ at the assigned widths"),
     ]
