@@ -224,12 +224,33 @@ def test_int8_activations_with_a_padded_single_group(mlp, mlp_input):
     assert max_relative_error(cms["torch"](mlp_input), cms["onnxruntime"](mlp_input)) <= 1e-4
 
 
-def test_int8_activations_need_8_bit_weights(mlp, mlp_input):
+def test_4_bit_weights_with_activations_need_a_matmulnbits_block(mlp, mlp_input):
+    # no integer kernel for W4 x A8: the weight-only kernel must take the per-channel block
     recipe = {"passes": [{"rtn": {"bits": 4, "group_size": None, "symmetric": True}},
                          "act_quant", "pack"]}
-    with pytest.raises(lowbit.LoweringError, match="bits=4.*target='torch'"):
+    with pytest.raises(lowbit.LoweringError,
+                       match=r"layer 'fc2'.*MatMulNBits.*bits=4, group_size=96.*target='torch'"):
         lowbit.compile(mlp, recipe=recipe, target="onnxruntime", example_inputs=(mlp_input,),
                        progress=False)
+
+
+@pytest.mark.parametrize("act_bits,weights", [(4, {"bits": 4, "group_size": 32}),
+                                              (8, {"bits": 4, "group_size": 32}),
+                                              (4, {"bits": 3, "group_size": 32})])
+def test_fake_quantized_activations_agree_with_the_reference(act_bits, weights):
+    recipe = {"passes": [{"rtn": weights},
+                         {"act_quant": {"bits": act_bits, "integer_only": False}}, "pack"]}
+    ids = random_ids(2, 16, seed=5)
+    cms = {t: lowbit.compile(tiny_llama(), recipe=recipe, target=t, progress=False)
+           for t in ("onnxruntime", "torch")}
+    assert {q["act_bits"] for q in cms["torch"].manifest["layers"].values() if "bits" in q} \
+        == {act_bits}
+    ref, ort = cms["torch"](ids), cms["onnxruntime"](ids)
+    # a per-token scale differing in the last ulp may flip one rounding: allow a few
+    # elements, but the bulk must agree to float rounding
+    assert max_relative_error(ref, ort) <= 2e-3
+    fp = lowbit.compile(tiny_llama(), recipe="fp32", target="torch", progress=False)(ids)
+    assert max_relative_error(fp, ref) > 10 * max_relative_error(ref, ort)   # it quantizes
 
 
 def test_block_size_matmulnbits_cannot_run_is_refused_naming_the_layer():

@@ -49,3 +49,20 @@ def test_grouped_weights_are_refused_naming_the_layer(mlp_captured, run_passes):
     fc1 = mlp_captured.graph.linears()[0]
     assert err.pass_name == "act_quant" and err.node == fc1.node and err.history == ("rtn",)
     assert "'fc1' has group_size=32" in str(err) and "group_size: null" in str(err)
+
+
+def test_grouped_weights_fake_quantize_their_input_when_allowed(mlp, mlp_input, mlp_captured,
+                                                               run_passes):
+    from lowbit.numerics.quant import (dequantize_weight, quantize_activation_per_token,
+                                       quantize_weight)
+    graph = mlp_captured.graph
+    run_passes(graph, [{"rtn": {"bits": 4, "group_size": 32}},
+                       {"act_quant": {"bits": 4, "integer_only": False}}, "pack"])
+    assert {q["act_bits"] for q in graph.quant_linears().values()} == {4}
+
+    def layer(x, lin):
+        xq, s = quantize_activation_per_token(x, 4)
+        w = dequantize_weight(quantize_weight(lin.weight.detach(), 4, 32, False))
+        return torch.nn.functional.linear(xq * s, w, lin.bias)
+    h = torch.relu(layer(torch.relu(layer(mlp_input, mlp.fc1)), mlp.fc2))
+    assert_numerically_equal(graph.run({"x": mlp_input})[0], mlp.out(h).detach(), rtol=1e-5)

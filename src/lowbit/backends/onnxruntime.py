@@ -74,20 +74,25 @@ def _translation(accuracy_level: int):
     def quant_linear(x, qweight, scales, zero_points, bias, in_features, bits, group_size,
                      act_bits):
         n = qweight.shape[0]
-        if not act_bits and bits == 3:
+        integer = act_bits == 8 and bits == 8 and scales.shape[1] == 1
+        if act_bits and not integer:
+            # no integer kernel for this pairing: quantize-dequantize x per token (as the
+            # torch reference does), then the weight-only kernel
+            qmax = float(2 ** (act_bits - 1) - 1)
+            absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+            s = op.Div(op.Max(absmax, op.Constant(value_float=1e-8)),
+                       op.Constant(value_float=qmax))
+            x = op.Mul(op.Clip(op.Round(op.Div(x, s)), op.Constant(value_float=-qmax),
+                               op.Constant(value_float=qmax)), s)
+        if not integer and bits == 3:
             y = op.MatMul(x, op.Transpose(_dequantize_3bit(op, qweight, scales, zero_points,
                                                            in_features, group_size),
                                           perm=[1, 0]))
-        elif not act_bits:
+        elif not integer:
             args = [x, qweight, scales] + ([zero_points] if zero_points is not None else [])
             y = msft.MatMulNBits(*args, K=in_features, N=n, bits=bits, block_size=group_size,
                                  accuracy_level=accuracy_level)
         else:
-            if bits != 8 or scales.shape[1] != 1:
-                raise LoweringError(
-                    f"onnxruntime lowers integer activations only with 8-bit per-channel "
-                    f"weights; got bits={bits}, {scales.shape[1]} groups. Fix: use "
-                    "rtn bits=8, group_size=null with act_quant, or target='torch'")
             absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
             s = op.Div(op.Max(absmax, op.Constant(value_float=1e-8)),
                        op.Constant(value_float=127.0))
@@ -267,19 +272,17 @@ def check_lowerable(graph) -> None:
     """Refuse, naming the layer, any quantized linear ONNX Runtime cannot run."""
     for node, q in graph.quant_linears().items():
         where = f"layer '{q['name']}' (node {node})"
-        if q["act_bits"]:
-            if q["bits"] != 8 or -(-q["in_features"] // q["group_size"]) != 1:
-                raise LoweringError(
-                    f"{where}: onnxruntime lowers int8 activations only with 8-bit "
-                    f"per-channel weights, got bits={q['bits']}, group_size={q['group_size']}. Fix: "
-                    "rtn bits=8, group_size=null with act_quant, or target='torch'")
-        elif q["bits"] == 3:
+        if q["act_bits"] == 8 and q["bits"] == 8 and -(-q["in_features"] // q["group_size"]) == 1:
+            continue            # int8 x int8: MatMulInteger
+        # otherwise activations (if any) are fake-quantized in float ops: the weight decides
+        if q["bits"] == 3:
             continue            # standard-op lowering (_dequantize_3bit): any group size
         elif q["group_size"] not in _NBITS_BLOCKS or q["bits"] not in (2, 4, 8):
             raise LoweringError(
                 f"{where}: MatMulNBits needs bits in (2, 4, 8) and block size in "
                 f"{_NBITS_BLOCKS}; got bits={q['bits']}, group_size={q['group_size']}. Fix: pick "
-                "such a group_size (per-channel weights need act_quant), or target='torch'")
+                "such a group_size (per-channel 8-bit weights need 8-bit act_quant), or "
+                "target='torch'")
 
 
 def lower(graph, spec: ModelSpec, options: Mapping) -> OrtExecutable:

@@ -1,4 +1,11 @@
-"""act_quant: dynamic per-token activation quantization at the input of quantized linears."""
+"""act_quant: dynamic per-token activation quantization at the input of quantized linears.
+
+With per-channel weights the layer runs as an integer matmul (int8 x int8 on onnxruntime's
+``MatMulInteger``; an exact integer emulation on the torch reference). Grouped weights have no
+integer kernel: with ``integer_only=False`` their input is quantized and dequantized per token
+(fake quantization) before the weight-only kernel, which gives the accuracy of an A4/A8
+deployment but not its speed; with ``integer_only=True`` (the default) they are refused.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,10 +20,11 @@ __all__ = ["act_quant", "ActQuantOptions"]
 class ActQuantOptions:
     bits: int = 8
     granularity: str = "per_token"      # the only one: dynamic, symmetric, per token
+    integer_only: bool = True           # refuse grouped weights (no integer kernel; module doc)
 
     def __post_init__(self):
-        if self.bits != 8:
-            raise ValueError(f"activation bits must be 8 for now, got {self.bits}")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"activation bits must be in 2..8, got {self.bits}")
         if self.granularity != "per_token":
             raise ValueError("granularity must be 'per_token'")
 
@@ -29,10 +37,11 @@ def act_quant(graph, ctx) -> PassResult:
     names = {s.node: s.name for s in graph.linears()}
     plan = {}
     for node, qw in qws.items():
-        if qw.codes.shape[1] != 1:
+        if qw.codes.shape[1] != 1 and ctx.options.integer_only:
             raise PassError(f"integer activations need per-channel weights, but "
                             f"'{names.get(node, node)}' has group_size={qw.group_size}. Fix: "
-                            "set group_size: null in the weight quantizer",
+                            "set group_size: null in the weight quantizer, or integer_only: "
+                            "false to fake-quantize its input (accuracy only, no speed-up)",
                             pass_name="act_quant", node=node)
         plan[node] = ctx.options.bits
     ctx.analysis["activation_quant"] = plan

@@ -46,6 +46,16 @@ def lowbit_presets():
                "int4 weights (group 128, asymmetric), float activations: Hadamard rotation "
                "folded into the residual stream, then GPTQ with clipping search (needs "
                "calibration data; the best W4A16 recipe measured, see docs/results.md)"),
+        Recipe("w4a8", (PassSpec("rotate"), PassSpec("gptq", _GPTQ),
+                        PassSpec("act_quant", {"bits": 8, "integer_only": False}),
+                        PassSpec("pack")),
+               "int4 weights (group 128, asymmetric) by rotation + GPTQ, int8 activations "
+               "per token (dynamic; fake-quantized before the weight-only kernel)"),
+        Recipe("w4a4", (PassSpec("rotate"), PassSpec("gptq", _GPTQ),
+                        PassSpec("act_quant", {"bits": 4, "integer_only": False}),
+                        PassSpec("pack")),
+               "int4 weights (group 128, asymmetric) by rotation + GPTQ, int4 activations "
+               "per token (dynamic; fake-quantized before the weight-only kernel)"),
         Recipe("w4a16-rtn", (PassSpec("rtn", _W4), PassSpec("pack")),
                "int4 weights (group 128, asymmetric) by round-to-nearest: no calibration data"),
         Recipe("w3a16", (PassSpec("rotate"), PassSpec("gptq", {**_GPTQ, "bits": 3}),
