@@ -157,6 +157,33 @@ class FxGraph:
         self._index()
         return new.name
 
+    def insert_on_input(self, sites: Sequence[LinearSite], op,
+                        constants: Sequence[torch.Tensor], created_by: str) -> str:
+        """Feed every site in ``sites`` (which read one value ``x``) with ``op(x, *constants)``.
+
+        Unlike :meth:`insert_before_input`, ``op`` may change the last dimension (a channel
+        split, say): the new node carries no shape metadata. Returns the new node's name.
+        """
+        nodes = [self.node(s.node) for s in sites]
+        xs = {n.args[0] if n.target is _aten.linear.default else n.args[1] for n in nodes}
+        if len(xs) != 1:
+            raise ValueError(f"sites {[s.name for s in sites]} do not read one value")
+        x = xs.pop()
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        first = min(nodes, key=order.__getitem__)
+        graph = self.gm.graph
+        with graph.inserting_before(first):
+            args = [graph.get_attr(self._new_constant(f"{first.name}_{created_by}_{i}", t))
+                    for i, t in enumerate(constants)]
+            new = graph.call_function(op, (x, *args))
+        new.meta["lowbit_created_by"] = created_by
+        new.meta["lowbit_source"] = sites[0].name
+        for n in nodes:
+            n.replace_input_with(x, new)
+        self._dirty = True
+        self._index()
+        return new.name
+
     def set_attr(self, target: str, value: torch.Tensor) -> None:
         """Replace the constant ``target`` names (a pass folding values into a norm, say)."""
         self._set_attr(target, value)

@@ -12,11 +12,12 @@ def lowbit_passes():
     from lowbit.passes.clip import clip
     from lowbit.passes.gptq import gptq
     from lowbit.passes.mixed import mixed
+    from lowbit.passes.ocs import ocs
     from lowbit.passes.pack import pack
     from lowbit.passes.rotate import rotate
     from lowbit.passes.rtn import rtn
     from lowbit.passes.smooth import smooth
-    return [calibrate, rtn, clip, gptq, awq, smooth, rotate, mixed, act_quant, pack]
+    return [calibrate, rtn, clip, gptq, awq, smooth, rotate, ocs, mixed, act_quant, pack]
 
 
 @hookimpl
