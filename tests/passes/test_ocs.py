@@ -64,6 +64,8 @@ def test_one_split_per_value_and_weights_grow_by_the_channels_added():
     assert m["channels_added"]["model.layers.0.mlp.down_proj"] == round(0.1 * 128)
     assert all(r >= 1.0 for r in m["range_shrink"].values())
     assert len(m["channels_added"]) == 8                         # 4 values x 2 layers
+    skipped = {r["target"]: r["reason"] for r in cm.manifest["passes"][0]["skipped"]}
+    assert skipped["lm_head"].startswith("output head kept in float")   # left alone
     layers = cm.manifest["layers"]
     assert layers["model.layers.0.self_attn.k_proj"]["in_features"] == 64 + 6
     assert layers["model.layers.0.mlp.down_proj"]["in_features"] == 128 + 13
@@ -83,8 +85,8 @@ def test_nothing_to_split_is_recorded_with_the_reason():
     cm = lowbit.compile(tiny_llama(), recipe={"passes": [{"ocs": {"threshold": 1e6}}]},
                         target="torch", calibration=CALIB, progress=False)
     record = cm.manifest["passes"][0]
-    assert record["transformed"] == []
-    reasons = dict(record["skipped"])
+    assert record["transformed"] == 0
+    reasons = {r["target"]: r["reason"] for r in record["skipped"]}
     assert reasons["model.layers.1.mlp.down_proj"] == "no channel above the threshold to split"
 
 
