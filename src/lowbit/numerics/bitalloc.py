@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["solve_allocation", "InfeasibleBudget"]
+__all__ = ["solve_allocation", "check_budget", "InfeasibleBudget"]
 
 
 class InfeasibleBudget(ValueError):
@@ -31,13 +31,21 @@ class InfeasibleBudget(ValueError):
         self.budget, self.minimum = budget, minimum
 
 
+def check_budget(size: torch.Tensor, budget: float) -> None:
+    """Raise :class:`InfeasibleBudget` unless ``sum_i min_c size[i, c] <= budget``.
+
+    Needs only the sizes, so a caller can check before computing any cost.
+    """
+    minimum = float(size.min(1).values.sum())
+    if minimum > budget:
+        raise InfeasibleBudget(budget, minimum)
+
+
 def solve_allocation(cost: torch.Tensor, size: torch.Tensor, budget: float) -> list[int]:
     """Index of the chosen candidate per item (see module doc)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     n, m = cost.shape
-    minimum = float(size.min(1).values.sum())
-    if minimum > budget:
-        raise InfeasibleBudget(budget, minimum)
+    check_budget(size, budget)
     c = cost.to(torch.float64).reshape(-1).numpy()
     one_each = np.kron(np.eye(n), np.ones((1, m)))
     constraints = [LinearConstraint(one_each, 1, 1),

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from lowbit.compiler.passes import PassResult, graph_pass
 from lowbit.errors import PassError
-from lowbit.numerics.bitalloc import InfeasibleBudget, solve_allocation
+from lowbit.numerics.bitalloc import InfeasibleBudget, check_budget, solve_allocation
 from lowbit.numerics.packing import packed_nbytes
 from lowbit.numerics.quant import dequantize_weight, quantize_weight
 from lowbit.passes._sequential import stages
@@ -61,6 +61,7 @@ class MixedOptions:
     symmetric: bool = False
     samples: int = 2                # Rademacher vectors per batch
     max_batches: int = 2            # calibration batches for the traces
+    seq_len: int | None = None      # first tokens of each batch used (None: all; LMs/encoders)
     include_head: bool = False
     exclude: tuple[str, ...] = ()
     cache: bool = True              # reuse Hessian traces computed before (see module doc)
@@ -74,6 +75,8 @@ class MixedOptions:
             parse_format(c)
         if not self.candidates or self.samples < 1 or self.max_batches < 1:
             raise ValueError("need candidates, samples >= 1 and max_batches >= 1")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 tokens or None (all), got {self.seq_len}")
 
 
 def _loss(graph, batch, kind: str, reference):
@@ -84,6 +87,19 @@ def _loss(graph, batch, kind: str, reference):
         return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]),
                                                  ids[:, 1:].reshape(-1))
     return (out - reference).pow(2).mean()
+
+
+def _trace_batches(ctx, max_batches: int, seq_len: int | None) -> list[dict]:
+    """The first ``max_batches`` calibration batches, cut to their first ``seq_len`` tokens.
+
+    The cost of a trace is about ``batches * (3 + 4 samples) * tokens`` forward passes' worth
+    of work, and its memory grows with the tokens (double backprop keeps the whole graph), so
+    short windows keep it in seconds. Static-shape captures (``module``) are left whole.
+    """
+    batches = ctx.calibration[:max_batches]
+    if seq_len is None or ctx.model_kind == "module":
+        return list(batches)
+    return [{k: v[:, :seq_len] if v.dim() >= 2 else v for k, v in b.items()} for b in batches]
 
 
 def hessian_traces(graph, sites, batches, kind: str, samples: int, seed: int = 0,
@@ -146,47 +162,64 @@ def cached_traces(graph, sites, batches, kind: str, samples: int, progress: bool
     return traces, False
 
 
+def _byte_table(items, formats, symmetric: bool) -> torch.Tensor:
+    """``size[i, c]``: packed bytes of item ``i`` stored in format ``c`` (``packed_nbytes``)."""
+    return torch.tensor([[sum(packed_nbytes(s.out_features, s.in_features, bits, group,
+                                            symmetric) for s in item)
+                          for bits, group in formats] for item in items], dtype=torch.float64)
+
+
+def _cost_table(graph, items, formats, traces, symmetric: bool) -> torch.Tensor:
+    """``cost[i, c] = sum_{l in i} max(tr(H_l), 0) / n_l * |Q_c(W_l) - W_l|^2`` (HAWQ-V2)."""
+    cost = torch.zeros(len(items), len(formats), dtype=torch.float64)
+    for i, item in enumerate(items):
+        for s in item:
+            w = graph.linear_weight(s).to(torch.float64)
+            per_weight = max(traces[s.node], 0.0) / w.numel()
+            for c, (bits, group) in enumerate(formats):
+                err = dequantize_weight(quantize_weight(w, bits, group, symmetric),
+                                        torch.float64) - w
+                cost[i, c] += per_weight * float(err.pow(2).sum())
+    return cost
+
+
+def _check_feasible(size: torch.Tensor, budget_bytes: float, weights: int, o) -> None:
+    """Fail before the (costly) traces when even the narrowest formats overflow the budget."""
+    try:
+        check_budget(size, budget_bytes)
+    except InfeasibleBudget as e:
+        raise PassError(f"budget {o.budget} bits/weight ({e.budget:,.0f} B) cannot hold the "
+                        f"candidates {list(o.candidates)}: the smallest choice takes "
+                        f"{8 * e.minimum / weights:.3f} bits/weight. Fix: raise 'budget' or add "
+                        "a narrower candidate", pass_name="mixed") from e
+
+
 @graph_pass(name="mixed", numerics="analysis", requires=("calibration",),
             provides=("bit_assignment",), preserves=("graph",), options=MixedOptions)
 def mixed(graph, ctx) -> PassResult:
     """Bits per layer minimising Hessian-weighted error under a byte budget (HAWQ-V2)."""
     o = ctx.options
     sites, skipped = select_linears(graph, o.include_head, o.exclude)
+    if not sites:
+        ctx.analysis["bit_assignment"] = {}
+        return PassResult(changed=False, skipped=tuple(skipped))
     formats = [parse_format(c) for c in o.candidates]
-    traces, hit = cached_traces(graph, sites, ctx.calibration[: o.max_batches],
-                                ctx.model_kind, o.samples, ctx.progress, o.cache)
-    items = list(stages(graph, sites).values())
-    cost = torch.zeros(len(items), len(formats), dtype=torch.float64)
-    size = torch.zeros(len(items), len(formats), dtype=torch.float64)
-    for i, item in enumerate(items):
-        for s in item:
-            w = graph.linear_weight(s).to(torch.float64)
-            per_weight = max(traces[s.node], 0.0) / w.numel()
-            for c, (bits, group) in enumerate(formats):
-                err = dequantize_weight(quantize_weight(w, bits, group, o.symmetric),
-                                        torch.float64) - w
-                cost[i, c] += per_weight * float(err.pow(2).sum())
-                size[i, c] += packed_nbytes(s.out_features, s.in_features, bits, group,
-                                            o.symmetric)
+    items = list(stages(graph, sites).values())      # linears reading one value share a format
     weights = sum(s.in_features * s.out_features for s in sites)
     budget = o.budget / 8 * weights
-    try:
-        choice = solve_allocation(cost, size, budget)
-    except InfeasibleBudget as e:
-        raise PassError(f"budget {o.budget} bits/weight ({e.budget:,.0f} B) cannot hold the "
-                        f"candidates {list(o.candidates)}: the smallest choice takes "
-                        f"{8 * e.minimum / weights:.3f} bits/weight. Fix: raise 'budget' or add "
-                        "a narrower candidate", pass_name="mixed") from e
-    assignment, bits_by_layer = {}, {}
-    for item, c in zip(items, choice):
-        for s in item:
-            assignment[s.node] = formats[c]
-            bits_by_layer[s.name] = "%dg%d" % formats[c]
+    size = _byte_table(items, formats, o.symmetric)
+    _check_feasible(size, budget, weights, o)
+    traces, hit = cached_traces(graph, sites, _trace_batches(ctx, o.max_batches, o.seq_len),
+                                ctx.model_kind, o.samples, ctx.progress, o.cache)
+    choice = solve_allocation(_cost_table(graph, items, formats, traces, o.symmetric), size,
+                              budget)
+    assignment = {s.node: formats[c] for item, c in zip(items, choice) for s in item}
     ctx.analysis["bit_assignment"] = assignment
     used = float(sum(size[i, c] for i, c in enumerate(choice)))
-    return PassResult(changed=False, transformed=tuple(bits_by_layer), skipped=tuple(skipped),
-                      metrics={"bits": bits_by_layer, "packed_bytes": int(used),
+    bits = {s.name: "%dg%d" % assignment[s.node] for item in items for s in item}
+    return PassResult(changed=False, transformed=tuple(bits), skipped=tuple(skipped),
+                      metrics={"bits": bits, "packed_bytes": int(used),
                                "budget_bytes": int(budget),
                                "bits_per_weight": round(8 * used / weights, 4),
-                      "traces_from_cache": hit,
+                               "traces_from_cache": hit,
                                "hessian_trace": {s.name: traces[s.node] for s in sites}})
