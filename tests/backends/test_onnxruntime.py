@@ -140,8 +140,9 @@ def test_w4a16_onnx_holds_matmulnbits_in_the_packed_layout(saved):
         assert np.array_equal(stored, packed.numpy()), f"layer {layer} down_proj bytes differ"
 
 
-def test_w8a8_onnx_uses_matmulinteger(saved):
-    model = onnx.load(str(saved("w8a8")))
+@pytest.mark.parametrize("recipe", ["w8a8-rtn", "w8a8"])
+def test_w8a8_onnx_uses_matmulinteger(saved, recipe):
+    model = onnx.load(str(saved(recipe)))
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["MatMulInteger"] == 14 and ops["MatMulNBits"] == 0
 
@@ -159,7 +160,8 @@ def test_saved_onnx_runs_in_a_plain_inference_session(compiled, saved, recipe):
 
 # -- what ONNX Runtime actually runs ---------------------------------------------------------
 
-@pytest.mark.parametrize("recipe,ours", [("w4a16-rtn", "MatMulNBits"), ("w8a8", "MatMulInteger")])
+@pytest.mark.parametrize("recipe,ours", [("w4a16-rtn", "MatMulNBits"),
+                                         ("w8a8-rtn", "MatMulInteger")])
 def test_ort_keeps_our_quantized_matmuls(saved, recipe, ours, tmp_path):
     ops = optimized_op_types(saved(recipe))
     assert ops[ours] == 14

@@ -119,7 +119,10 @@ def test_broken_or_missing_recipe_files(tmp_path, registry):
 
 @pytest.mark.parametrize("name,bits,group_size,symmetric,passes", [
     ("w8a16", 8, 128, True, ["rtn", "pack"]),
-    ("w8a8", 8, None, True, ["rtn", "act_quant", "pack"]),
+    ("w8a8", 8, None, True, ["rotate", "rtn", "act_quant", "pack"]),
+    ("w8a8-rtn", 8, None, True, ["rtn", "act_quant", "pack"]),
+    ("w4a8", 4, 128, False, ["rotate", "gptq", "act_quant", "pack"]),
+    ("w4a4", 4, 128, False, ["rotate", "gptq", "act_quant", "pack"]),
     ("w4a16-rtn", 4, 128, False, ["rtn", "pack"]),
     ("w4a16", 4, 128, False, ["rotate", "gptq", "pack"]),
     ("w3a16", 3, 128, False, ["rotate", "gptq", "pack"]),

@@ -40,9 +40,15 @@ def lowbit_presets():
         Recipe("w8a16", (PassSpec("rtn", {"bits": 8, "group_size": 128, "symmetric": True}),
                          PassSpec("pack")),
                "int8 weights (group 128, symmetric), float activations"),
-        Recipe("w8a8", (PassSpec("rtn", {"bits": 8, "group_size": None, "symmetric": True}),
+        Recipe("w8a8", (PassSpec("rotate"),
+                        PassSpec("rtn", {"bits": 8, "group_size": None, "symmetric": True}),
                         PassSpec("act_quant", {"bits": 8}), PassSpec("pack")),
-               "int8 weights per output channel, int8 activations per token (dynamic)"),
+               "int8 weights per output channel, int8 activations per token (dynamic): "
+               "Hadamard rotation first (exact; no calibration data), the best W8A8 recipe "
+               "measured (docs/results.md)"),
+        Recipe("w8a8-rtn", (PassSpec("rtn", {"bits": 8, "group_size": None, "symmetric": True}),
+                            PassSpec("act_quant", {"bits": 8}), PassSpec("pack")),
+               "int8 weights per output channel, int8 activations per token, no outlier pass"),
         Recipe("w4a16", (PassSpec("rotate"), PassSpec("gptq", _GPTQ), PassSpec("pack")),
                "int4 weights (group 128, asymmetric), float activations: Hadamard rotation "
                "folded into the residual stream, then GPTQ with clipping search (needs "
