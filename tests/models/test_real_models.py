@@ -34,7 +34,8 @@ def test_smollm2_captures_with_structural_head(smollm2):
     assert 15 < fp32 < 40  # per-window ppl of a working 135M model (26.15 on 64 windows)
 
 
-@pytest.mark.parametrize("recipe, max_ratio", [("w8a16", 1.01), ("w4a16-rtn", 1.6)])
+# one weight-only recipe: w8a16 runs the same MatMulNBits lowering (tiny-model tests cover it)
+@pytest.mark.parametrize("recipe, max_ratio", [("w4a16-rtn", 1.6)])
 def test_smollm2_onnxruntime_matches_torch_reference(smollm2, recipe, max_ratio, tmp_path):
     _, windows, fp32 = smollm2
     ref = lowbit.compile("smollm2", recipe=recipe, target="torch", progress=False)
