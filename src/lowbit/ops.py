@@ -35,14 +35,14 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor,
 
 def _integer_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                     zero_points: Optional[torch.Tensor], in_features: int, bits: int,
-                    act_bits: int) -> torch.Tensor:
+                    act_bits: int, act_clip: float) -> torch.Tensor:
     """Exact integer emulation: ``y = (xq @ (q - z)^T) * s_x * s_w`` (per-channel weights)."""
     n = scales.shape[0]
     codes = unpack_codes(qweight, bits, qweight.shape[-1] * 8 // bits).reshape(n, -1)
     z = (torch.full((n, 1), 2 ** (bits - 1), dtype=torch.int64) if zero_points is None
          else unpack_zero_points(zero_points, bits, 1).to(torch.int64))
     wq = (codes[:, :in_features].to(torch.int64) - z).to(torch.float32)
-    xq, s = quantize_activation_per_token(x, act_bits)
+    xq, s = quantize_activation_per_token(x, act_bits, act_clip)
     # Integer products summed in float32 are exact while |partial sum| < 2**24: split K into
     # chunks that cannot exceed it, add the chunk sums in float64 (exact), then round once.
     bound = float(2 ** (act_bits - 1) - 1) * max(float(wq.abs().max()), 1.0)
@@ -55,13 +55,16 @@ def _integer_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 @torch.library.custom_op("lowbit::quant_linear", mutates_args=())
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                 in_features: int, bits: int, group_size: int, act_bits: int) -> torch.Tensor:
-    """``y = x @ dequant(W)^T + b``; with ``act_bits`` > 0, x is first quantized per token."""
+                 in_features: int, bits: int, group_size: int, act_bits: int,
+                 act_clip: float = 1.0) -> torch.Tensor:
+    """``y = x @ dequant(W)^T + b``; with ``act_bits`` > 0, x is first quantized per token
+    (range ``act_clip * max|x|``)."""
     if act_bits and scales.shape[1] == 1:
-        y = _integer_linear(x, qweight, scales, zero_points, in_features, bits, act_bits)
+        y = _integer_linear(x, qweight, scales, zero_points, in_features, bits, act_bits,
+                            act_clip)
     else:
         if act_bits:
-            xq, s = quantize_activation_per_token(x, act_bits)
+            xq, s = quantize_activation_per_token(x, act_bits, act_clip)
             x = xq * s
         w = dequantize_packed(qweight, scales, zero_points, in_features, bits, group_size)
         y = torch.nn.functional.linear(x, w.to(x.dtype))
@@ -72,7 +75,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 @quant_linear.register_fake
 def _quant_linear_fake(x, qweight, scales, zero_points, bias, in_features, bits, group_size,
-                       act_bits):
+                       act_bits, act_clip=1.0):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 

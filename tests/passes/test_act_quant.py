@@ -66,3 +66,13 @@ def test_grouped_weights_fake_quantize_their_input_when_allowed(mlp, mlp_input, 
         return torch.nn.functional.linear(xq * s, w, lin.bias)
     h = torch.relu(layer(torch.relu(layer(mlp_input, mlp.fc1)), mlp.fc2))
     assert_numerically_equal(graph.run({"x": mlp_input})[0], mlp.out(h).detach(), rtol=1e-5)
+
+
+def test_clip_ratio_saturates_the_largest_values():
+    from lowbit.numerics.quant import quantize_activation_per_token
+    x = torch.tensor([[0.1, -0.6, 2.0, 0.3]])
+    xq, s = quantize_activation_per_token(x, 4, clip=0.5)
+    assert float(s) == pytest.approx(1.0 / 7)
+    assert xq.tolist() == [[1.0, -4.0, 7.0, 2.0]]          # 2.0 saturates at 7 * s = 1.0
+    full, s1 = quantize_activation_per_token(x, 4)
+    assert float(s1) == pytest.approx(2.0 / 7)

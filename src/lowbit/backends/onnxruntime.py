@@ -72,7 +72,7 @@ def _translation(accuracy_level: int):
     msft = onnxscript.values.Opset("com.microsoft", 1)
 
     def quant_linear(x, qweight, scales, zero_points, bias, in_features, bits, group_size,
-                     act_bits):
+                     act_bits, act_clip=1.0):
         n = qweight.shape[0]
         integer = act_bits == 8 and bits == 8 and scales.shape[1] == 1
         if act_bits and not integer:
@@ -80,8 +80,10 @@ def _translation(accuracy_level: int):
             # torch reference does), then the weight-only kernel
             qmax = float(2 ** (act_bits - 1) - 1)
             absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-            s = op.Div(op.Max(absmax, op.Constant(value_float=1e-8)),
-                       op.Constant(value_float=qmax))
+            a = op.Max(absmax, op.Constant(value_float=1e-8))
+            if act_clip != 1.0:
+                a = op.Mul(a, op.Constant(value_float=float(act_clip)))
+            s = op.Div(a, op.Constant(value_float=qmax))
             x = op.Mul(op.Clip(op.Round(op.Div(x, s)), op.Constant(value_float=-qmax),
                                op.Constant(value_float=qmax)), s)
         if not integer and bits == 3:
@@ -94,8 +96,10 @@ def _translation(accuracy_level: int):
                                  accuracy_level=accuracy_level)
         else:
             absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-            s = op.Div(op.Max(absmax, op.Constant(value_float=1e-8)),
-                       op.Constant(value_float=127.0))
+            a = op.Max(absmax, op.Constant(value_float=1e-8))
+            if act_clip != 1.0:
+                a = op.Mul(a, op.Constant(value_float=float(act_clip)))
+            s = op.Div(a, op.Constant(value_float=127.0))
             q = op.Clip(op.Round(op.Div(x, s)), op.Constant(value_float=-127.0),
                         op.Constant(value_float=127.0))
             xq = op.Cast(q, to=3)  # int8

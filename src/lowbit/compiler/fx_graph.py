@@ -263,7 +263,8 @@ class FxGraph:
             new = graph.call_function(
                 torch.ops.lowbit.quant_linear.default,
                 (x, args["qweight"], args["scales"], args["zero_points"], args.get("bias"),
-                 packed.in_features, packed.bits, packed.group_size, packed.act_bits))
+                 packed.in_features, packed.bits, packed.group_size, packed.act_bits,
+                 float(packed.act_clip)))
         new.meta.update(n.meta)
         new.meta["lowbit_created_by"] = created_by
         new.meta["lowbit_source"] = site.name
@@ -306,8 +307,10 @@ class FxGraph:
             if n.op == "call_function" and n.target is torch.ops.lowbit.quant_linear.default:
                 qweight = self.attr(n.args[1].target)
                 in_f, bits, group, act_bits = n.args[5:9]
+                act_clip = n.args[9] if len(n.args) > 9 else 1.0
                 out[n.name] = {"name": n.meta.get("lowbit_source", n.name), "bits": bits,
                                "group_size": group, "act_bits": act_bits,
+                               "act_clip": act_clip,
                                "in_features": in_f, "out_features": int(qweight.shape[0]),
                                "symmetric": n.args[3] is None,
                                "created_by": n.meta.get("lowbit_created_by")}

@@ -42,6 +42,7 @@ class PackedLinear:
     bits: int
     group_size: int
     act_bits: int = 0
+    act_clip: float = 1.0           # activation range = act_clip * max|x| per token
 
     @property
     def out_features(self) -> int:

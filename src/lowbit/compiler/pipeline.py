@@ -88,7 +88,7 @@ def _versions() -> dict[str, str]:
 
 
 def _layer_table(graph) -> dict[str, dict]:
-    return {v["name"]: {k: v[k] for k in ("bits", "group_size", "act_bits", "symmetric",
+    return {v["name"]: {k: v[k] for k in ("bits", "group_size", "act_bits", "act_clip", "symmetric",
                                            "in_features", "out_features")}
             for v in graph.quant_linears().values()}
 

@@ -117,17 +117,19 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     return w.reshape(qw.out_features, -1)[:, : qw.in_features].to(dtype)
 
 
-def quantize_activation_per_token(x: torch.Tensor, bits: int = 8
+def quantize_activation_per_token(x: torch.Tensor, bits: int = 8, clip: float = 1.0
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-token quantization: ``x ~= xq * s``.
 
-    ``s = max(max|x| over the last dim, 1e-8) / (2**(bits-1) - 1)``,
+    ``s = max(max|x| over the last dim, 1e-8) * clip / (2**(bits-1) - 1)`` (``clip < 1``
+    saturates the largest values of each token to round the rest finer),
     ``xq = clamp(round(x / s), -(2**(bits-1) - 1), 2**(bits-1) - 1)`` (round half to even),
     computed in float32 exactly as the ONNX Runtime lowering does. Returns ``(xq, s)`` with
     ``xq`` holding integer values in a float tensor and ``s`` shaped ``[..., 1]``.
     """
     qmax = float(2 ** (bits - 1) - 1)
-    s = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-8) / qmax
+    a = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-8)
+    s = (a * clip if clip != 1.0 else a) / qmax
     xq = torch.clamp(torch.round(x / s), -qmax, qmax)
     return xq, s
 

@@ -21,10 +21,13 @@ class ActQuantOptions:
     bits: int = 8
     granularity: str = "per_token"      # the only one: dynamic, symmetric, per token
     integer_only: bool = True           # refuse grouped weights (no integer kernel; module doc)
+    clip_ratio: float = 1.0             # range = clip_ratio * max|x| per token (QuaRot: 0.9)
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
             raise ValueError(f"activation bits must be in 2..8, got {self.bits}")
+        if not 0 < self.clip_ratio <= 1:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
         if self.granularity != "per_token":
             raise ValueError("granularity must be 'per_token'")
 
@@ -45,4 +48,6 @@ def act_quant(graph, ctx) -> PassResult:
                             pass_name="act_quant", node=node)
         plan[node] = ctx.options.bits
     ctx.analysis["activation_quant"] = plan
+    if ctx.options.clip_ratio != 1.0:
+        ctx.analysis["activation_clip"] = {n: ctx.options.clip_ratio for n in plan}
     return PassResult(changed=False, transformed=tuple(names.get(n, n) for n in plan))
