@@ -6,6 +6,7 @@ from lowbit.plugins.hookspecs import hookimpl
 
 @hookimpl
 def lowbit_passes():
+    from lowbit.passes.act_clip import act_clip
     from lowbit.passes.act_quant import act_quant
     from lowbit.passes.awq import awq
     from lowbit.passes.calibrate import calibrate
@@ -17,7 +18,7 @@ def lowbit_passes():
     from lowbit.passes.rotate import rotate
     from lowbit.passes.rtn import rtn
     from lowbit.passes.smooth import smooth
-    return [calibrate, rtn, clip, gptq, awq, smooth, rotate, ocs, mixed, act_quant, pack]
+    return [calibrate, rtn, clip, gptq, awq, smooth, rotate, ocs, mixed, act_quant, act_clip, pack]
 
 
 @hookimpl
