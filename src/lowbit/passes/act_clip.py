@@ -29,7 +29,7 @@ __all__ = ["act_clip", "ActClipOptions", "activation_clip_errors"]
 
 @dataclass(frozen=True)
 class ActClipOptions:
-    grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+    grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
     max_batches: int = 8            # calibration batches observed
     tokens_per_batch: int = 128     # tokens sampled from each batch (seeded)
     seed: int = 0
