@@ -7,6 +7,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
+from lowbit.compiler.kv_cache import KVCacheSpec
+
 __all__ = ["BackendInfo", "Executable", "ModelSpec"]
 
 
@@ -14,10 +16,12 @@ __all__ = ["BackendInfo", "Executable", "ModelSpec"]
 class ModelSpec:
     """What a backend needs to know about the model besides its graph."""
     kind: str                                   # causal_lm | encoder | module
-    input_names: tuple[str, ...]
+    input_names: tuple[str, ...]                # every graph input, cache inputs included
     example_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
     dynamic: bool = True                        # batch and sequence dims are dynamic
     max_seq: int = 8192                         # upper bound of the dynamic sequence dim
+    output_names: tuple[str, ...] = ()          # names for the graph outputs (if known)
+    cache: KVCacheSpec | None = None            # a causal LM in cache form (kv_cache.py)
 
 
 class Executable(Protocol):

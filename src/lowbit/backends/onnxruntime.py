@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from lowbit.backends import BackendInfo, ModelSpec
-from lowbit.backends._export import dynamic_shapes
+from lowbit.backends._export import spec_dynamic_shapes
+from lowbit.compiler.kv_cache import KVCacheSpec
 from lowbit.errors import LoweringError, UsageError
 
 __all__ = ["OrtExecutable", "BACKEND", "optimized_op_types", "export_onnx"]
@@ -214,7 +215,8 @@ def export_onnx(gm: torch.fx.GraphModule, spec: ModelSpec, path: Path,
     try:
         with _quiet():
             prog = torch.onnx.export(gm, args, input_names=list(spec.input_names),
-                                     dynamo=True, dynamic_shapes=dynamic_shapes(spec),
+                                     output_names=list(spec.output_names) or None,
+                                     dynamo=True, dynamic_shapes=spec_dynamic_shapes(spec),
                                      optimize=True, custom_translation_table=table,
                                      verbose=False)
     except LoweringError:
@@ -305,7 +307,9 @@ def lower(graph, spec: ModelSpec, options: Mapping) -> OrtExecutable:
 def load(directory: Path, manifest: Mapping) -> OrtExecutable:
     _require()
     m = manifest["model"]
-    spec = ModelSpec(kind=m["kind"], input_names=tuple(m["input_names"]))
+    spec = ModelSpec(kind=m["kind"], input_names=tuple(m.get("graph_inputs") or m["input_names"]),
+                     output_names=tuple(m.get("graph_outputs") or ()),
+                     cache=KVCacheSpec.from_dict(m.get("cache")))
     return OrtExecutable(directory, spec)
 
 
