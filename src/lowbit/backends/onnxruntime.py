@@ -33,6 +33,7 @@ from lowbit.errors import LoweringError, UsageError
 __all__ = ["OrtExecutable", "BACKEND", "optimized_op_types", "export_onnx"]
 
 _MODEL = "model.onnx"
+_SCRIPT = "generate.py"     # standalone generation (numpy + onnxruntime), for cache-form LMs
 _DEFAULT_OPTIONS = {"accuracy_level": 0, "threads": 0}
 
 
@@ -268,6 +269,9 @@ class OrtExecutable:
             if p.is_file():
                 shutil.copy2(p, directory / p.name)
                 names.append(p.name)
+        if self.spec.cache is not None and _SCRIPT not in names:
+            shutil.copyfile(Path(__file__).with_name("_ort_generate.py"), directory / _SCRIPT)
+            names.append(_SCRIPT)
         return names
 
 

@@ -161,10 +161,20 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
                   "architecture": (captured.config.get("architectures") or [None])[0]},
         "layers": _layer_table(captured.graph),
         "passes": [_record_dict(r) for r in ctx.records],
+        "generation": _generation_config(captured),
         "figures": figures, "versions": _versions(),
         "plugins": registry.plugins,
     }
     return CompiledModel(executable, manifest, captured.tokenizer)
+
+
+def _generation_config(captured: Captured) -> dict:
+    """What a standalone decoding loop needs besides the graph (``generate.py`` reads it)."""
+    if captured.kind != "causal_lm":
+        return {}
+    eos = getattr(captured.tokenizer, "eos_token_id", None)
+    return {"eos_token_id": eos if isinstance(eos, int) else None,
+            "kv_cache": captured.cache is not None}
 
 
 def _peak_rss_mb() -> float | None:
