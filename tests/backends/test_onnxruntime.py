@@ -186,7 +186,9 @@ def test_ort_keeps_our_quantized_matmuls(saved, recipe, ours, tmp_path):
 def test_save_load_round_trip_is_identical(compiled, tmp_path, assert_only_safe_files):
     cm = compiled("w4a16-rtn", "onnxruntime")
     target = cm.save(tmp_path / "artifact")
-    assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "model.onnx"]
+    # generate.py: the standalone decoding loop shipped with a causal LM (test_ort_kv_cache)
+    assert sorted(p.name for p in target.iterdir()) == ["generate.py", "manifest.json",
+                                                        "model.onnx"]
     assert_only_safe_files(target)
     loaded = lowbit.load(target)
     assert loaded.backend == "onnxruntime"

@@ -121,3 +121,13 @@ def test_loaded_ort_artifact_generates_the_same(saved, fp32):
     loaded = lowbit.load(saved)
     assert loaded.cache == fp32.cache
     assert torch.equal(loaded.generate([1, 2, 3], 6).ids, fp32.generate([1, 2, 3], 6).ids)
+
+
+def test_cli_generate_and_the_artifact_files(saved, fp32, capsys):
+    from lowbit.cli import main
+    assert main(["generate", str(saved), "5 9 17 3", "--ids", "--max-new-tokens", "4"]) == 0
+    expected = fp32.generate([5, 9, 17, 3], 4, stop_at_eos=False).new_ids[0].tolist()
+    assert capsys.readouterr().out.split() == [str(t) for t in expected]
+    manifest = lowbit.load(saved).manifest
+    assert "generate.py" in manifest["files"]        # listed, but not counted as model bytes
+    assert manifest["figures"]["artifact_bytes"] == (saved / "model.onnx").stat().st_size

@@ -25,7 +25,12 @@ class ModelSpec:
 
 
 class Executable(Protocol):
-    """A lowered model: callable on named inputs, saveable, sized."""
+    """A lowered model: callable on named inputs, saveable, sized.
+
+    Optionally ``save_extras(directory) -> list[str]`` writes files shipped next to the model
+    that are not part of it (ONNX Runtime: a standalone ``generate.py``); they are listed in
+    the manifest but not counted in ``artifact_bytes``.
+    """
     backend: str
 
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]: ...

@@ -261,18 +261,23 @@ class OrtExecutable:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.model_dir.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in self.model_dir.iterdir()
+                   if p.is_file() and p.name.startswith(_MODEL))
 
     def save(self, directory: Path) -> list[str]:
         names = []
         for p in self.model_dir.iterdir():
-            if p.is_file():
+            if p.is_file() and p.name.startswith(_MODEL):     # the graph and external data
                 shutil.copy2(p, directory / p.name)
                 names.append(p.name)
-        if self.spec.cache is not None and _SCRIPT not in names:
-            shutil.copyfile(Path(__file__).with_name("_ort_generate.py"), directory / _SCRIPT)
-            names.append(_SCRIPT)
         return names
+
+    def save_extras(self, directory: Path) -> list[str]:
+        """Files shipped next to the model that are not part of it: ``generate.py``."""
+        if self.spec.cache is None:
+            return []
+        shutil.copyfile(Path(__file__).with_name("_ort_generate.py"), directory / _SCRIPT)
+        return [_SCRIPT]
 
 
 _NBITS_BLOCKS = (16, 32, 64, 128, 256)

@@ -158,6 +158,8 @@ class CompiledModel:
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(str(tmp / _TOKENIZER))
             self.figures["artifact_bytes"] = sum((tmp / f).stat().st_size for f in files)
+            # helpers next to the model (a standalone generation script): not model bytes
+            files = [*files, *getattr(self.executable, "save_extras", lambda d: [])(tmp)]
             from lowbit.report import plot_bits
             if plot_bits(self.manifest, tmp / "bits.png"):
                 files = [*files, "bits.png"]
