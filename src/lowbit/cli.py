@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: compile | eval | bench | passes | report | fetch | main."""
+"""The ``lowbit`` command line: compile | eval | bench | generate | passes | report | fetch | main."""
 from __future__ import annotations
 
 import argparse
@@ -39,7 +39,8 @@ def cmd_compile(a):
     cm = lowbit.compile(a.model, recipe=a.recipe, target=a.target, data_dir=a.data_dir,
                         calibration_samples=a.calibration_samples,
                         backend_options=_kv(a.option), verify=not a.no_verify,
-                        dump_dir=a.dump_dir, recipe_options=_settings(a.set))
+                        dump_dir=a.dump_dir, recipe_options=_settings(a.set),
+                        kv_cache=False if a.no_kv_cache else None)
     if a.eval:
         from lowbit.eval import perplexity
         r = perplexity(cm, cm.tokenizer, n_windows=a.eval, data_dir=a.data_dir)
@@ -70,14 +71,27 @@ def cmd_bench(a):
     import torch
 
     import lowbit
-    from lowbit.job import latency
+    from lowbit.job import decode_latency, latency
     torch.set_num_threads(a.threads)
     cm = lowbit.load(a.artifact)
     vocab = int(cm.tokenizer.vocab_size) if cm.tokenizer is not None else 100
     row = {"artifact": a.artifact, "backend": cm.backend, "bytes": cm.figures.get(
         "artifact_bytes"), "prefill_512_ms": round(latency(cm, vocab, 512, a.runs), 2),
         "forward_129_ms": round(latency(cm, vocab, 129, a.runs), 2)}
+    if cm.cache is not None:
+        row["decode_128_ms"] = round(decode_latency(cm, vocab, 128, a.runs), 2)
     print(json.dumps(row))
+
+
+def cmd_generate(a):
+    import lowbit
+    cm = lowbit.load(a.artifact)
+    prompt = [int(t) for t in a.prompt.split()] if a.ids else a.prompt
+    out = cm.generate(prompt, a.max_new_tokens, do_sample=a.temperature > 0,
+                      temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p,
+                      seed=a.seed)
+    ids_out = a.ids or out.text is None          # token ids in (or no tokenizer): ids out
+    print(" ".join(map(str, out.new_ids[0].tolist())) if ids_out else out.text[0])
 
 
 def cmd_passes(a):
@@ -138,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval", type=int, default=0, metavar="N",
                    help="also measure perplexity on N windows and store it in the manifest")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--no-kv-cache", action="store_true",
+                   help="causal LMs: no past/present key-value inputs/outputs")
     c.set_defaults(fn=cmd_compile)
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity per PROTOCOL")
@@ -151,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--runs", type=int, default=5)
     b.set_defaults(fn=cmd_bench)
+
+    g = sub.add_parser("generate", help="continue a prompt with a saved causal-LM artifact")
+    g.add_argument("artifact")
+    g.add_argument("prompt", help="text, or token ids with --ids ('1 2 3')")
+    g.add_argument("--ids", action="store_true",
+                   help="the prompt is space-separated token ids (and ids are printed)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(fn=cmd_generate)
 
     sub.add_parser("passes", help="list passes, presets and targets").set_defaults(
         fn=cmd_passes)

@@ -10,13 +10,22 @@ import torch
 from lowbit.benchmark import median_ms
 from lowbit.report import format_table
 
-__all__ = ["run_main_job", "latency"]
+__all__ = ["run_main_job", "latency", "decode_latency"]
 
 
 def latency(fn, vocab: int, seq: int, runs: int = 5) -> float:
     """Median ms of one forward over ``seq`` tokens (PROTOCOL: >= 5 runs, 2 warm-ups)."""
     ids = torch.randint(3, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
     return median_ms(lambda: fn(ids), runs=runs)
+
+
+def decode_latency(cm, vocab: int, context: int = 128, runs: int = 5) -> float:
+    """Median ms of one cached decode step after ``context`` tokens (PROTOCOL: 128)."""
+    cache = cm.cache
+    ids = torch.randint(3, vocab, (1, context + 1), generator=torch.Generator().manual_seed(0))
+    _, *present = cm.executable({"input_ids": ids[:, :context], **cache.empty(1)})
+    feeds = {"input_ids": ids[:, context:], **dict(zip(cache.input_names, present))}
+    return median_ms(lambda: cm.executable(feeds), runs=runs)
 
 
 def run_main_job(model: str = "smollm2", recipe: str = "w4a16", target: str = "onnxruntime",
@@ -48,10 +57,13 @@ def run_main_job(model: str = "smollm2", recipe: str = "w4a16", target: str = "o
         ppl = perplexity(fn, tok, windows=ids)
         rows.append({"model": model, "variant": name, "ppl": round(ppl["ppl"], 3),
                      "bytes": nbytes, "prefill_512_ms": round(latency(fn, vocab, 512), 1),
-                     "forward_129_ms": round(latency(fn, vocab, 129), 1)})
+                     "forward_129_ms": round(latency(fn, vocab, 129), 1),
+                     "decode_128_ms": round(decode_latency(fn, vocab, 128), 2)
+                     if getattr(fn, "cache", None) is not None else None})
     cm.figures.update({"perplexity": rows[-1]["ppl"], "perplexity_fp32": rows[0]["ppl"],
                        "eval_windows": windows, "prefill_512_ms": rows[-1]["prefill_512_ms"],
-                       "forward_129_ms": rows[-1]["forward_129_ms"]})
+                       "forward_129_ms": rows[-1]["forward_129_ms"],
+                       "decode_128_ms": rows[-1]["decode_128_ms"]})
     cm.save(out, overwrite=True)
     rows[-1]["bytes"] = cm.figures["artifact_bytes"]
     print(format_table(rows))

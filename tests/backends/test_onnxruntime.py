@@ -150,11 +150,15 @@ def test_w8a8_onnx_uses_matmulinteger(saved, recipe):
 @pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8"])
 def test_saved_onnx_runs_in_a_plain_inference_session(compiled, saved, recipe):
     session = ort.InferenceSession(str(saved(recipe)), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input_ids"]
     cm = compiled(recipe, "onnxruntime")
+    cache = cm.cache   # causal LMs compile in cache form: the cache inputs follow input_ids
+    assert [i.name for i in session.get_inputs()] == ["input_ids", *cache.input_names]
+    assert [o.name for o in session.get_outputs()] == ["logits", *cache.output_names]
     for ids in _ids():
-        (logits,) = session.run(None, {"input_ids": ids.numpy()})
+        empty = {k: v.numpy() for k, v in cache.empty(ids.shape[0]).items()}
+        logits, *present = session.run(None, {"input_ids": ids.numpy(), **empty})
         assert logits.shape == (*ids.shape, 128)
+        assert [p.shape[2] for p in present] == [ids.shape[1]] * len(present)
         assert max_relative_error(cm(ids), torch.from_numpy(logits)) <= 1e-6
 
 
@@ -182,7 +186,9 @@ def test_ort_keeps_our_quantized_matmuls(saved, recipe, ours, tmp_path):
 def test_save_load_round_trip_is_identical(compiled, tmp_path, assert_only_safe_files):
     cm = compiled("w4a16-rtn", "onnxruntime")
     target = cm.save(tmp_path / "artifact")
-    assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "model.onnx"]
+    # generate.py: the standalone decoding loop shipped with a causal LM (test_ort_kv_cache)
+    assert sorted(p.name for p in target.iterdir()) == ["generate.py", "manifest.json",
+                                                        "model.onnx"]
     assert_only_safe_files(target)
     loaded = lowbit.load(target)
     assert loaded.backend == "onnxruntime"

@@ -7,6 +7,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
+from lowbit.compiler.kv_cache import KVCacheSpec
+
 __all__ = ["BackendInfo", "Executable", "ModelSpec"]
 
 
@@ -14,14 +16,21 @@ __all__ = ["BackendInfo", "Executable", "ModelSpec"]
 class ModelSpec:
     """What a backend needs to know about the model besides its graph."""
     kind: str                                   # causal_lm | encoder | module
-    input_names: tuple[str, ...]
+    input_names: tuple[str, ...]                # every graph input, cache inputs included
     example_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
     dynamic: bool = True                        # batch and sequence dims are dynamic
     max_seq: int = 8192                         # upper bound of the dynamic sequence dim
+    output_names: tuple[str, ...] = ()          # names for the graph outputs (if known)
+    cache: KVCacheSpec | None = None            # a causal LM in cache form (kv_cache.py)
 
 
 class Executable(Protocol):
-    """A lowered model: callable on named inputs, saveable, sized."""
+    """A lowered model: callable on named inputs, saveable, sized.
+
+    Optionally ``save_extras(directory) -> list[str]`` writes files shipped next to the model
+    that are not part of it (ONNX Runtime: a standalone ``generate.py``); they are listed in
+    the manifest but not counted in ``artifact_bytes``.
+    """
     backend: str
 
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]: ...

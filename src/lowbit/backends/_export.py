@@ -4,23 +4,23 @@ from __future__ import annotations
 import torch
 
 from lowbit.backends import ModelSpec
+from lowbit.compiler.capture import dynamic_shapes
 from lowbit.errors import LoweringError
 
-__all__ = ["export_program", "dynamic_shapes"]
+__all__ = ["export_program", "spec_dynamic_shapes"]
 
 
-def dynamic_shapes(spec: ModelSpec):
+def spec_dynamic_shapes(spec: ModelSpec):
     if not spec.dynamic:
         return None
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=spec.max_seq)
-    return tuple({0: batch, 1: seq} for _ in spec.input_names)
+    return dynamic_shapes(spec.input_names, spec.max_seq, spec.cache)
 
 
 def export_program(gm: torch.fx.GraphModule, spec: ModelSpec) -> torch.export.ExportedProgram:
     args = tuple(spec.example_inputs[k] for k in spec.input_names)
     try:
-        return torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(spec), strict=False)
+        return torch.export.export(gm, args, dynamic_shapes=spec_dynamic_shapes(spec),
+                                   strict=False)
     except Exception as e:
         raise LoweringError(f"re-exporting the compiled graph failed: {type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0][:400]}") from e

@@ -26,12 +26,14 @@ import numpy as np
 import torch
 
 from lowbit.backends import BackendInfo, ModelSpec
-from lowbit.backends._export import dynamic_shapes
+from lowbit.backends._export import spec_dynamic_shapes
+from lowbit.compiler.kv_cache import KVCacheSpec
 from lowbit.errors import LoweringError, UsageError
 
 __all__ = ["OrtExecutable", "BACKEND", "optimized_op_types", "export_onnx"]
 
 _MODEL = "model.onnx"
+_SCRIPT = "generate.py"     # standalone generation (numpy + onnxruntime), for cache-form LMs
 _DEFAULT_OPTIONS = {"accuracy_level": 0, "threads": 0}
 
 
@@ -214,7 +216,8 @@ def export_onnx(gm: torch.fx.GraphModule, spec: ModelSpec, path: Path,
     try:
         with _quiet():
             prog = torch.onnx.export(gm, args, input_names=list(spec.input_names),
-                                     dynamo=True, dynamic_shapes=dynamic_shapes(spec),
+                                     output_names=list(spec.output_names) or None,
+                                     dynamo=True, dynamic_shapes=spec_dynamic_shapes(spec),
                                      optimize=True, custom_translation_table=table,
                                      verbose=False)
     except LoweringError:
@@ -258,15 +261,23 @@ class OrtExecutable:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.model_dir.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in self.model_dir.iterdir()
+                   if p.is_file() and p.name.startswith(_MODEL))
 
     def save(self, directory: Path) -> list[str]:
         names = []
         for p in self.model_dir.iterdir():
-            if p.is_file():
+            if p.is_file() and p.name.startswith(_MODEL):     # the graph and external data
                 shutil.copy2(p, directory / p.name)
                 names.append(p.name)
         return names
+
+    def save_extras(self, directory: Path) -> list[str]:
+        """Files shipped next to the model that are not part of it: ``generate.py``."""
+        if self.spec.cache is None:
+            return []
+        shutil.copyfile(Path(__file__).with_name("_ort_generate.py"), directory / _SCRIPT)
+        return [_SCRIPT]
 
 
 _NBITS_BLOCKS = (16, 32, 64, 128, 256)
@@ -305,7 +316,9 @@ def lower(graph, spec: ModelSpec, options: Mapping) -> OrtExecutable:
 def load(directory: Path, manifest: Mapping) -> OrtExecutable:
     _require()
     m = manifest["model"]
-    spec = ModelSpec(kind=m["kind"], input_names=tuple(m["input_names"]))
+    spec = ModelSpec(kind=m["kind"], input_names=tuple(m.get("graph_inputs") or m["input_names"]),
+                     output_names=tuple(m.get("graph_outputs") or ()),
+                     cache=KVCacheSpec.from_dict(m.get("cache")))
     return OrtExecutable(directory, spec)
 
 

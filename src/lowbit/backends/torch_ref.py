@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import lowbit.ops  # noqa: F401
 from lowbit.backends import BackendInfo, ModelSpec
 from lowbit.backends._export import export_program
+from lowbit.compiler.kv_cache import KVCacheSpec
 
 __all__ = ["TorchExecutable", "BACKEND"]
 
@@ -88,14 +89,17 @@ def load(directory: Path, manifest: Mapping) -> TorchExecutable:
     for name in signature["parameters"]:
         state[name] = torch.nn.Parameter(state[name], requires_grad=False)
     m = manifest["model"]
+    names = m.get("graph_inputs") or m["input_names"]
     example = tuple(torch.zeros(shape, dtype=getattr(torch, dtype))
-                    for shape, dtype in (signature["inputs"][k] for k in m["input_names"]))
+                    for shape, dtype in (signature["inputs"][k] for k in names))
     consts = load_file(str(directory / _CONSTANTS))
     art = SerializedArtifact((directory / _GRAPH).read_bytes(), _torch_bytes(state),
                              _torch_bytes(consts), _torch_bytes((example, {})))
     ep = deserialize(art)
-    spec = ModelSpec(kind=m["kind"], input_names=tuple(m["input_names"]),
-                     example_inputs=dict(zip(m["input_names"], example)))
+    spec = ModelSpec(kind=m["kind"], input_names=tuple(names),
+                     example_inputs=dict(zip(names, example)),
+                     output_names=tuple(m.get("graph_outputs") or ()),
+                     cache=KVCacheSpec.from_dict(m.get("cache")))
     return TorchExecutable(ep.module(), spec)
 
 

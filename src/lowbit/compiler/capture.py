@@ -1,7 +1,9 @@
 """Capture: nn.Module / Hugging Face model / local directory / .gguf / known alias -> FxGraph."""
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -9,9 +11,10 @@ from typing import Any, Mapping
 import torch
 
 from lowbit.compiler.fx_graph import FxGraph
+from lowbit.compiler.kv_cache import SEQ_AXIS, KVCacheSpec
 from lowbit.errors import CaptureError, UsageError
 
-__all__ = ["Captured", "capture", "load_hf_model"]
+__all__ = ["Captured", "capture", "load_hf_model", "probe_cache", "dynamic_shapes"]
 
 _WRAPPER_PREFIX = "model."
 
@@ -28,6 +31,18 @@ class Captured:
     config: dict = field(default_factory=dict)
     source: str | None = None          # how to find the model again (alias/path), if known
     max_seq: int = 8192                # bound of the dynamic sequence dimension
+    cache: KVCacheSpec | None = None   # causal LMs captured in cache form (see kv_cache.py)
+
+    @property
+    def graph_inputs(self) -> list[str]:
+        """Every input of the graph: the model's, then the cache's."""
+        return [*self.input_names, *(self.cache.input_names if self.cache else ())]
+
+    @property
+    def graph_outputs(self) -> list[str]:
+        if self.cache is not None:
+            return ["logits", *self.cache.output_names]
+        return ["logits"] if self.kind == "causal_lm" else []
 
 
 class _CausalLM(torch.nn.Module):
@@ -39,6 +54,55 @@ class _CausalLM(torch.nn.Module):
 
     def forward(self, input_ids):
         return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class _CachedCausalLM(torch.nn.Module):
+    """``(input_ids, past_key_0, past_value_0, ...) -> (logits, present_key_0, ...)``.
+
+    The flat cache tensors are fed to the model as a ``DynamicCache``; the model appends the
+    new tokens' keys and values and derives positions and the causal mask from the cache
+    length, so a zero-length cache is a plain prefill.
+    """
+
+    def __init__(self, model, cache: KVCacheSpec):
+        super().__init__()
+        self.model = model
+        # torch.export names graph inputs after forward()'s parameters: one name per tensor
+        p = inspect.Parameter
+        names = ["input_ids", *cache.input_names]
+
+        def forward(*args):
+            return self._step(*args)
+        forward.__signature__ = inspect.Signature(
+            [p(n, p.POSITIONAL_OR_KEYWORD) for n in names])
+        self.forward = forward
+
+    def _step(self, input_ids, *past):
+        from transformers import DynamicCache
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        flat = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *flat)
+
+
+def probe_cache(model) -> KVCacheSpec:
+    """The cache layout of a Hugging Face causal LM, read from one 2-token forward."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[3, 4]]), use_cache=True)
+    layers = getattr(out.past_key_values, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+        raise CaptureError(
+            f"{type(model).__name__} returned no per-layer key/value cache "
+            f"({type(out.past_key_values).__name__}); compile it with kv_cache=False")
+    shapes = []
+    for layer in layers:
+        for t in (layer.keys, layer.values):
+            if t.dim() != 4 or t.shape[SEQ_AXIS] != 2:
+                raise CaptureError(
+                    f"{type(model).__name__}: cache tensor of shape {tuple(t.shape)} is not "
+                    "[batch, heads, seq, head_dim]; compile it with kv_cache=False")
+            shapes.append((int(t.shape[1]), int(t.shape[3])))
+    return KVCacheSpec(shapes=tuple(shapes), dtype=str(layers[0].keys.dtype).removeprefix("torch."))
 
 
 class _Encoder(torch.nn.Module):
@@ -146,11 +210,29 @@ def _hf_example(model, kind: str) -> dict[str, torch.Tensor]:
         {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _export(module: torch.nn.Module, example: Mapping[str, torch.Tensor], dynamic: bool,
-            name: str, max_seq: int = 8192):
+def dynamic_shapes(input_names: Sequence[str], max_seq: int, cache: KVCacheSpec | None = None):
+    """torch.export dims: ``[batch, seq]`` token inputs; ``[batch, heads, past, head_dim]``
+    cache inputs.
+
+    Without a cache, ``seq >= 2`` (as first captured). With one, a single new token
+    (``seq = 1``, decode) and an empty cache (``past = 0``, prefill) are both in range.
+    """
     batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=max_seq)
-    shapes = tuple({0: batch, 1: seq} for _ in example) if dynamic else None
+    if cache is None:
+        seq = torch.export.Dim("seq", min=2, max=max_seq)
+        return tuple({0: batch, 1: seq} for _ in input_names)
+    seq = torch.export.Dim("seq", min=1, max=max_seq)
+    past = torch.export.Dim("past", min=0, max=max_seq - 1)
+    cached = set(cache.input_names)
+    return tuple({0: batch, SEQ_AXIS: past} if n in cached else {0: batch, 1: seq}
+                 for n in input_names)
+
+
+def _export(module: torch.nn.Module, example: Mapping[str, torch.Tensor], dynamic: bool,
+            name: str, max_seq: int = 8192, cache: KVCacheSpec | None = None):
+    shapes = None
+    if dynamic:
+        shapes = dynamic_shapes(list(example), max_seq, cache)
     try:
         return torch.export.export(module, args=tuple(example.values()),
                                    dynamic_shapes=shapes, strict=False)
@@ -165,11 +247,15 @@ def _export(module: torch.nn.Module, example: Mapping[str, torch.Tensor], dynami
 
 
 def capture(model: Any, example_inputs: Mapping[str, torch.Tensor] | tuple | None = None,
-            tokenizer: Any = None) -> Captured:
+            tokenizer: Any = None, kv_cache: bool | None = False) -> Captured:
     """Capture ``model`` into an :class:`FxGraph`.
 
     ``model``: an ``nn.Module`` (then ``example_inputs`` are required), a ``transformers``
     model, a local model directory, a ``.gguf`` file, or a known alias (``"smollm2"``).
+    ``kv_cache=True`` captures a causal LM in cache form (:mod:`lowbit.compiler.kv_cache`):
+    the graph also takes and returns the per-layer keys and values; left out, they default
+    to an empty cache, so ``graph.run({"input_ids": ids})`` still gives the logits.
+    ``kv_cache=None``: cache form for causal LMs, none for other models.
     """
     source = None
     if isinstance(model, (str, os.PathLike)):
@@ -181,18 +267,35 @@ def capture(model: Any, example_inputs: Mapping[str, torch.Tensor] | tuple | Non
     model.eval()
     name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     config = model.config.to_dict() if _is_hf(model) else {}
-    max_seq = 8192
+    max_seq, cache, example_cache = 8192, None, {}
     if _is_hf(model) and example_inputs is None:
         kind = "causal_lm" if _is_causal_lm(model) else "encoder"
-        wrapper = _CausalLM(model) if kind == "causal_lm" else _Encoder(model)
+        if kv_cache is None:
+            kv_cache = kind == "causal_lm"
+        if kv_cache and kind != "causal_lm":
+            raise UsageError(f"kv_cache=True needs a causal LM; '{name}' is an {kind}")
         example = _hf_example(model, kind)
         max_seq = min(8192, int(getattr(model.config, "max_position_embeddings", 8192) or 8192))
-        ep = _export(wrapper, example, dynamic=True, name=name, max_seq=max_seq)
+        if kv_cache:
+            cache = probe_cache(model)
+            wrapper = _CachedCausalLM(model, cache)
+            # a non-empty example cache: torch.export would specialise a 0-length one
+            example_cache = {k: torch.randn(v.shape[0], v.shape[1], 4, v.shape[3],
+                                            generator=torch.Generator().manual_seed(1))
+                             .to(v.dtype)
+                             for k, v in cache.empty(example["input_ids"].shape[0]).items()}
+        else:
+            wrapper = _CausalLM(model) if kind == "causal_lm" else _Encoder(model)
+        ep = _export(wrapper, {**example, **example_cache}, dynamic=True, name=name,
+                     max_seq=max_seq, cache=cache)
         prefix = _WRAPPER_PREFIX
     else:
         if example_inputs is None:
             raise UsageError(f"capturing a plain nn.Module ({type(model).__name__}) needs "
                              "example_inputs=(tensor, ...) or {'name': tensor}")
+        if kv_cache:
+            raise UsageError(f"kv_cache=True needs a Hugging Face causal LM; "
+                             f"{type(model).__name__} with example_inputs is captured as is")
         kind = "module"
         if isinstance(example_inputs, Mapping):
             example = dict(example_inputs)
@@ -202,7 +305,9 @@ def capture(model: Any, example_inputs: Mapping[str, torch.Tensor] | tuple | Non
             example = dict(zip(params, example_inputs))
         ep = _export(model, example, dynamic=False, name=name)
         prefix = ""
-    graph = FxGraph(ep.module(), prefix=prefix)
+    graph = FxGraph(ep.module(), prefix=prefix,
+                    optional_inputs=cache.empty if cache is not None else None)
     return Captured(graph=graph, kind=kind, name=name, input_names=list(example),
-                    example_inputs=example, tokenizer=tokenizer, config=config, source=source,
-                    max_seq=max_seq if kind != "module" else 0)
+                    example_inputs={**example, **example_cache},
+                    tokenizer=tokenizer, config=config, source=source,
+                    max_seq=max_seq if kind != "module" else 0, cache=cache)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -35,13 +35,17 @@ class FxGraph:
     """A captured model as a mutable FX graph (from ``torch.export(...).module()``).
 
     ``prefix`` is stripped from parameter paths to form model-level layer names.
+    ``optional_inputs(batch)`` gives the values of inputs a caller may leave out (the empty
+    KV cache of a causal LM captured in cache form).
     """
 
     form = "fx"
 
-    def __init__(self, gm: fx.GraphModule, prefix: str = ""):
+    def __init__(self, gm: fx.GraphModule, prefix: str = "",
+                 optional_inputs: Callable[[int], dict[str, torch.Tensor]] | None = None):
         self.gm = gm
         self.prefix = prefix
+        self.optional_inputs = optional_inputs
         if not hasattr(gm, _PACKED_MODULE):
             gm.add_module(_PACKED_MODULE, torch.nn.Module())
         # Drop computations whose results nobody reads (e.g. an encoder's unused pooler).
@@ -320,9 +324,19 @@ class FxGraph:
     def placeholders(self) -> list[str]:
         return [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
 
+    def complete(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``inputs`` plus the default value of every optional input left out."""
+        out = dict(inputs)
+        if self.optional_inputs is not None and inputs:
+            batch = next(iter(inputs.values())).shape[0]
+            for k, v in self.optional_inputs(batch).items():
+                out.setdefault(k, v)
+        return out
+
     def run(self, inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
             observe: Mapping[str, Observer] | None = None) -> list[torch.Tensor]:
         if isinstance(inputs, Mapping):
+            inputs = self.complete(inputs)
             names = self.placeholders()
             missing = [k for k in names if k not in inputs]
             if missing:
@@ -338,7 +352,7 @@ class FxGraph:
 
     def copy(self) -> "FxGraph":
         """An independent copy (weights included) to transform without touching this one."""
-        return FxGraph(copy.deepcopy(self.sync()), self.prefix)
+        return FxGraph(copy.deepcopy(self.sync()), self.prefix, self.optional_inputs)
 
     def staged(self, inputs: Sequence[Mapping[str, torch.Tensor]]) -> "StagedRun":
         """Run the graph over ``inputs`` stage by stage (see :class:`StagedRun`)."""
@@ -394,6 +408,7 @@ class StagedRun:
         self.envs: list[dict[fx.Node, Any]] = []
         for batch in inputs:
             if isinstance(batch, Mapping):
+                batch = graph.complete(batch)
                 args = [batch[n.name] if n.name in batch else batch[n.target] for n in holders]
             else:
                 args = list(batch)

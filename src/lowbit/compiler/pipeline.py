@@ -99,8 +99,13 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
             backend_options: Mapping[str, Any] | None = None, verify: bool = True,
             verify_tolerance: float = 1e-4, dump_dir: str | Path | None = None,
             progress: bool = True, disable_plugins: Iterable[str] = (),
-            recipe_options: Mapping[str, Mapping[str, Any]] | None = None) -> CompiledModel:
+            recipe_options: Mapping[str, Mapping[str, Any]] | None = None,
+            kv_cache: bool | None = None) -> CompiledModel:
     """Compile ``model`` with ``recipe`` for ``target``; returns a :class:`CompiledModel`.
+
+    ``kv_cache`` (default: on for Hugging Face causal LMs) captures the model in cache form:
+    the artifact takes and returns per-layer keys and values, so :meth:`CompiledModel.generate`
+    decodes one token per step; ``cm(input_ids)`` still returns the logits.
 
     Example (tiny random model; real models work the same way)::
 
@@ -115,11 +120,12 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
     backend = resolve_backend(target, registry)
     rec = override(load_recipe(recipe, registry.presets), recipe_options)
     passes = schedule(rec, registry)
-    captured = capture(model, example_inputs=example_inputs, tokenizer=tokenizer)
+    captured = capture(model, example_inputs=example_inputs, tokenizer=tokenizer,
+                       kv_cache=kv_cache)
     needs_data = any("calibration" in sp.info.requires for sp in passes)
     batches = calibration_batches(calibration, captured, needs_data, data_dir,
                                   calibration_samples)
-    verify_inputs = _verify_inputs(batches, captured)
+    verify_inputs = captured.graph.complete(_verify_inputs(batches, captured))
     ctx = PassContext(calibration=batches, model_kind=captured.kind, progress=progress)
     # before_pass runs in list order, after_pass in reverse: Timing innermost, Log outermost
     instruments: list = [Log()] if progress else []
@@ -129,9 +135,10 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
         instruments.append(GraphDump(dump_dir))
     instruments.append(Timing())
     PassManager(passes, instruments, catalog=registry.passes.values()).run(captured.graph, ctx)
-    spec = ModelSpec(kind=captured.kind, input_names=tuple(captured.input_names),
+    spec = ModelSpec(kind=captured.kind, input_names=tuple(captured.graph_inputs),
                      example_inputs=captured.example_inputs, dynamic=captured.kind != "module",
-                     max_seq=captured.max_seq or 8192)
+                     max_seq=captured.max_seq or 8192,
+                     output_names=tuple(captured.graph_outputs), cache=captured.cache)
     reference = captured.graph.run(verify_inputs) if verify else None
     executable = backend.lower(captured.graph, spec, dict(backend_options or {}))
     figures: dict[str, Any] = {}
@@ -147,13 +154,27 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
         "backend_options": dict(backend_options or {}), "recipe": rec.to_dict(),
         "model": {"name": captured.name, "kind": captured.kind, "source": captured.source,
                   "input_names": list(captured.input_names),
+                  "graph_inputs": list(captured.graph_inputs),
+                  "graph_outputs": list(captured.graph_outputs),
+                  "cache": captured.cache.to_dict() if captured.cache else None,
+                  "max_seq": captured.max_seq,
                   "architecture": (captured.config.get("architectures") or [None])[0]},
         "layers": _layer_table(captured.graph),
         "passes": [_record_dict(r) for r in ctx.records],
+        "generation": _generation_config(captured),
         "figures": figures, "versions": _versions(),
         "plugins": registry.plugins,
     }
     return CompiledModel(executable, manifest, captured.tokenizer)
+
+
+def _generation_config(captured: Captured) -> dict:
+    """What a standalone decoding loop needs besides the graph (``generate.py`` reads it)."""
+    if captured.kind != "causal_lm":
+        return {}
+    eos = getattr(captured.tokenizer, "eos_token_id", None)
+    return {"eos_token_id": eos if isinstance(eos, int) else None,
+            "kv_cache": captured.cache is not None}
 
 
 def _peak_rss_mb() -> float | None:

@@ -80,6 +80,7 @@ class MixedOptions:
 
 
 def _loss(graph, batch, kind: str, reference):
+    batch = graph.complete(batch)
     out = graph.sync()(*[batch[k] for k in graph.placeholders()])
     out = out[0] if isinstance(out, (tuple, list)) else out
     if kind == "causal_lm":

@@ -1,0 +1,133 @@
+"""ONNX Runtime artifacts with a KV cache: the graph's cache I/O, incremental decoding equal
+to the full forward, generation, and the standalone ``generate.py`` run without lowbit."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.testing import assert_numerically_equal, random_ids, tiny_llama
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+tokenizers = pytest.importorskip("tokenizers")
+
+
+def _word_tokenizer():
+    """A 128-word whitespace tokenizer for the tiny model's vocabulary (w0 .. w127)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def fp32(model):
+    return lowbit.compile(model, recipe="fp32", target="onnxruntime", progress=False,
+                          tokenizer=_word_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def w4a16(model):
+    """rotate (online Hadamard) + GPTQ + MatMulNBits, accuracy_level 0."""
+    return lowbit.compile(model, recipe="w4a16", target="onnxruntime", progress=False,
+                          calibration=random_ids(4, 32, seed=1))
+
+
+@pytest.fixture(scope="module")
+def saved(fp32, tmp_path_factory):
+    return fp32.save(tmp_path_factory.mktemp("kv") / "artifact")
+
+
+def _incremental(cm, ids, splits=(8, 9, 12)):
+    past, chunks, start = cm.cache.empty(ids.shape[0]), [], 0
+    for stop in splits:
+        logits, *present = cm.executable({"input_ids": ids[:, start:stop], **past})
+        chunks.append(logits)
+        past, start = dict(zip(cm.cache.input_names, present)), stop
+    return torch.cat(chunks, dim=1)
+
+
+def test_onnx_graph_has_cache_inputs_and_outputs_with_a_dynamic_past(saved, fp32):
+    graph = onnx.load(str(saved / "model.onnx"), load_external_data=False).graph
+    cache = fp32.cache
+    assert [i.name for i in graph.input] == ["input_ids", *cache.input_names]
+    assert [o.name for o in graph.output] == ["logits", *cache.output_names]
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]}
+    batch, heads, past, head_dim = dims["past_key_0"]
+    assert isinstance(batch, str) and isinstance(past, str) and (heads, head_dim) == (2, 16)
+    assert isinstance(dims["present_value_1"][2], str)          # past + seq, symbolic
+
+
+@pytest.mark.parametrize("name", ["fp32", "w4a16"])
+def test_incremental_decode_equals_the_full_sequence_on_ort(name, request, model):
+    cm = request.getfixturevalue(name)
+    ids = random_ids(2, 12, seed=9)
+    full = cm(ids)
+    assert_numerically_equal(_incremental(cm, ids), full, rtol=1e-5,
+                             what=f"{name} ORT incremental logits")
+    if name == "fp32":
+        assert_numerically_equal(full, model(input_ids=ids).logits.detach(), rtol=1e-5)
+
+
+def test_ort_greedy_generation_matches_transformers(fp32, model):
+    ids = random_ids(1, 6, seed=4)
+    out = fp32.generate(ids, max_new_tokens=10, stop_at_eos=False)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out.ids, expected)
+    assert out.text == [" ".join(f"w{int(t)}" for t in out.new_ids[0])]
+
+
+def _run_without_lowbit(script, *args) -> str:
+    """Run ``script`` in an isolated interpreter where lowbit, torch and transformers cannot
+    be imported (the editable install of lowbit would otherwise be found)."""
+    code = ("import sys, runpy\n"
+            "sys.modules.update(dict.fromkeys(['lowbit', 'torch', 'transformers']))\n"
+            "try:\n    import lowbit\nexcept ImportError:\n    pass\n"
+            "else:\n    raise SystemExit('lowbit is importable')\n"
+            f"sys.argv = [{str(script)!r}, *{list(args)!r}]\n"
+            f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+                          cwd=script.parent, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_standalone_script_generates_without_lowbit(saved, fp32):
+    script = saved / "generate.py"
+    assert script.exists() and len(script.read_text().splitlines()) <= 40
+    ids = [5, 9, 17, 3]
+    expected = fp32.generate(ids, max_new_tokens=8, stop_at_eos=False).new_ids[0].tolist()
+    printed = _run_without_lowbit(script, "--ids", *map(str, ids), "--max-new-tokens", "8")
+    assert [int(t) for t in printed.split()] == expected
+    text = _run_without_lowbit(script, "w5 w9 w17 w3", "--max-new-tokens", "8")
+    assert text == " ".join(f"w{t}" for t in expected)
+
+
+def test_loaded_ort_artifact_generates_the_same(saved, fp32):
+    loaded = lowbit.load(saved)
+    assert loaded.cache == fp32.cache
+    assert torch.equal(loaded.generate([1, 2, 3], 6).ids, fp32.generate([1, 2, 3], 6).ids)
+
+
+def test_cli_generate_and_the_artifact_files(saved, fp32, capsys):
+    from lowbit.cli import main
+    assert main(["generate", str(saved), "5 9 17 3", "--ids", "--max-new-tokens", "4"]) == 0
+    expected = fp32.generate([5, 9, 17, 3], 4, stop_at_eos=False).new_ids[0].tolist()
+    assert capsys.readouterr().out.split() == [str(t) for t in expected]
+    manifest = lowbit.load(saved).manifest
+    assert "generate.py" in manifest["files"]        # listed, but not counted as model bytes
+    assert manifest["figures"]["artifact_bytes"] == (saved / "model.onnx").stat().st_size
