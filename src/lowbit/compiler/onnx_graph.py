@@ -253,6 +253,9 @@ class OnnxGraph:
             return [self._owner[v] for v in self.graph.outputs]
         if e.kind == "getitem":
             return [e.parent]
+        if e.linear is not None:            # as FX's linear(x, w, b)
+            lin = e.linear
+            return [self._owner[v] for v in (lin.x, lin.weight, lin.bias) if v is not None]
         inside = {v for p in e.parts for v in p.outputs}
         out = []
         for p in e.parts:
