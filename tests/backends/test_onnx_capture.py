@@ -54,20 +54,21 @@ def test_exported_bert_is_an_encoder(bert_onnx):
     assert all(s.bias is not None for s in cap.graph.linears())
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a16", "w4a16-rtn", "w8a8-rtn"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a16"])
 def test_onnx_path_matches_fx_path(llama_onnx, recipe):
-    """Same passes, same numbers: the ONNX path's model agrees with the FX path's."""
+    """Same passes, same numbers: the ONNX path's model agrees with the FX path's (whose
+    torch reference kernels are what its onnxruntime lowering is checked against)."""
     cm = lowbit.compile(str(llama_onnx), recipe=recipe, calibration=CAL, progress=False)
-    fx = lowbit.compile(tiny_llama(), recipe=recipe, calibration=CAL, progress=False)
+    fx = lowbit.compile(tiny_llama(), recipe=recipe, target="torch", calibration=CAL,
+                        progress=False)
     assert cm.manifest["layers"].keys() == fx.manifest["layers"].keys()
     got, ref = cm(IDS), fx(IDS)
     assert float((got - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
     ops = {n.op_type for n in onnx.load(str(cm.executable.path)).graph.node}
-    assert ("MatMulInteger" if recipe.startswith("w8a8") else "MatMulNBits") in ops
-    if recipe in ("w8a8", "w4a16"):
-        rot = cm.manifest["passes"][0]
-        assert rot["name"] == "rotate" and rot["verification"]["max_rel_error"] < 1e-4
-        assert len(rot["metrics"]["online_hadamard"]) == 4
+    assert ("MatMulInteger" if recipe == "w8a8" else "MatMulNBits") in ops
+    rot = cm.manifest["passes"][0]
+    assert rot["name"] == "rotate" and rot["verification"]["max_rel_error"] < 1e-4
+    assert len(rot["metrics"]["online_hadamard"]) == 4
 
 
 def test_encoder_rotation_is_skipped_with_the_reason(bert_onnx):

@@ -31,41 +31,17 @@ import onnx_ir as ir
 import torch
 
 from lowbit.compiler import _onnx_build as build
+from lowbit.compiler._onnx_index import Entry as _Entry, Linear as _Linear, attr as _attr, \
+    const_array as _const, node_entries
 from lowbit.compiler.graph import LinearSite, Observer, PackedLinear
 
 __all__ = ["OnnxGraph"]
 
-#: ONNX op -> the canonical op name passes match (the FX spelling of the same operation).
-_CANONICAL = {"Identity": "alias", "Cast": "_to_copy", "LayerNormalization": "layer_norm",
-              "RMSNormalization": "rms_norm", "SimplifiedLayerNormalization": "rms_norm",
-              "ReduceMean": "mean", "Softmax": "softmax", "Dropout": "dropout"}
-_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 _METADATA_OPS = {"Shape", "Size"}
 #: torch operators ``insert_before_input``/``insert_on_input`` accept -> ONNX builder
 _BUILDERS = {"lowbit.hadamard.default": ("hadamard", build.hadamard),
              "lowbit.passes.ocs.split_channels": ("split_channels", build.split_channels)}
 
-
-@dataclass(frozen=True)
-class _Linear:
-    main: ir.Node                 # MatMul or Gemm
-    x: ir.Value
-    weight: ir.Value              # initializer
-    layout: str                   # "kn": stored [in, out]; "nk": stored [out, in]
-    transpose: ir.Node | None = None
-    add: ir.Node | None = None    # bias Add folded into the linear
-    bias: ir.Value | None = None
-
-
-@dataclass
-class _Entry:
-    name: str
-    kind: str                     # input | constant | node | getitem | output
-    value: ir.Value | None = None
-    parts: tuple[ir.Node, ...] = ()
-    op: str = ""
-    linear: _Linear | None = None
-    parent: str | None = None     # getitem: the multi-output node
 
 
 @dataclass(frozen=True)
@@ -75,16 +51,6 @@ class NodeView:
     op: str
     target: str | None
 
-
-def _const(v: ir.Value | None) -> np.ndarray | None:
-    if v is None or not v.is_initializer() or v.const_value is None:
-        return None
-    return v.const_value.numpy()
-
-
-def _attr(node: ir.Node, key: str, default=None):
-    a = node.attributes.get(key)
-    return default if a is None else a.value
 
 
 class OnnxGraph:
@@ -135,7 +101,7 @@ class OnnxGraph:
         for name, v in g.initializers.items():
             entries[name] = _Entry(name, "constant", v)
         self._entry_of: dict[ir.Node, str] = {}
-        for e in sorted(self._node_entries(), key=lambda e: self._pos[e.parts[-1]]):
+        for e in sorted(node_entries(self._order, self._pos), key=lambda e: self._pos[e.parts[-1]]):
             entries[e.name] = e
             for p in e.parts:
                 self._entry_of[p] = e.name
@@ -148,86 +114,6 @@ class OnnxGraph:
         self._entries = entries
         self._owner = {e.value: k for k, e in entries.items() if e.value is not None}
 
-    def _node_entries(self) -> list[_Entry]:
-        out, taken, groups = [], set(), {}
-        for n in self._order:
-            group = n.metadata_props.get("lowbit.group")
-            if group:
-                groups.setdefault(group, []).append(n)
-        for group, nodes in groups.items():
-            last = next(n for n in nodes if n.name == group)
-            nodes.sort(key=self._pos.__getitem__)
-            out.append(_Entry(group, "node", last.outputs[0], tuple(nodes),
-                              last.metadata_props.get("lowbit.op", "lowbit")))
-            taken.update(nodes)
-        for n in self._order:
-            if n in taken:
-                continue
-            lin = self._match_linear(n, taken)
-            if lin is not None:
-                parts = tuple(p for p in (lin.transpose, n, lin.add) if p is not None)
-                taken.update(parts)
-                out.append(_Entry(n.name, "node", parts[-1].outputs[0], parts, "linear", lin))
-        for n in self._order:
-            if n not in taken:
-                out.append(_Entry(n.name, "node", n.outputs[0] if n.outputs else None, (n,),
-                                  self._canonical(n)))
-        return out
-
-    def _canonical(self, n: ir.Node) -> str:
-        t = n.op_type
-        if t == "Reciprocal" and n.inputs[0] is not None and n.inputs[0].producer() is not None \
-                and n.inputs[0].producer().op_type == "Sqrt":
-            return "rsqrt"
-        if t == "Gather" and _attr(n, "axis", 0) == 0:
-            table = _const(n.inputs[0])
-            if table is not None and table.ndim == 2 and n.inputs[0].dtype in _FLOATS:
-                return "embedding"
-        return _CANONICAL.get(t, t.lower())
-
-    def _match_linear(self, n: ir.Node, taken: set) -> _Linear | None:
-        if n.domain not in ("", "ai.onnx") or n.op_type not in ("MatMul", "Gemm"):
-            return None
-        if len(n.inputs) < 2 or n.inputs[0] is None or _const(n.inputs[0]) is not None:
-            return None
-        x, w = n.inputs[0], n.inputs[1]
-        transpose, layout = None, "kn"
-        if n.op_type == "Gemm":
-            if _attr(n, "transA", 0) or _attr(n, "alpha", 1.0) != 1.0 \
-                    or _attr(n, "beta", 1.0) != 1.0:
-                return None
-            layout = "nk" if _attr(n, "transB", 0) else "kn"
-        elif _const(w) is None:
-            t = w.producer() if w is not None else None
-            if t is None or t.op_type != "Transpose" or t in taken or len(w.uses()) != 1 \
-                    or tuple(_attr(t, "perm", (1, 0))) != (1, 0) or w.is_graph_output():
-                return None
-            transpose, w, layout = t, t.inputs[0], "nk"
-        wt = _const(w)
-        if wt is None or wt.ndim != 2 or w.dtype not in _FLOATS:
-            return None
-        n_out = wt.shape[1] if layout == "kn" else wt.shape[0]
-        if n.op_type == "Gemm":
-            c = n.inputs[2] if len(n.inputs) > 2 else None
-            ct = _const(c)
-            if c is not None and (ct is None or ct.ndim != 1 or ct.shape[0] != n_out):
-                return None
-            return _Linear(n, x, w, layout, bias=c)
-        add, bias = self._bias_add(n.outputs[0], n_out, taken)
-        return _Linear(n, x, w, layout, transpose, add, bias)
-
-    def _bias_add(self, y: ir.Value, n_out: int, taken: set):
-        uses = list(y.uses())
-        if len(uses) != 1 or y.is_graph_output():
-            return None, None
-        add, idx = uses[0].node, uses[0].idx
-        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or add in taken:
-            return None, None
-        b = add.inputs[1 - idx]
-        bt = _const(b)
-        if bt is None or bt.ndim != 1 or bt.shape[0] != n_out:
-            return None, None
-        return add, b
 
     # -- the protocol: structure ------------------------------------------------------------
     def _entry(self, name: str) -> _Entry:
