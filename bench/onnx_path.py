@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--presets", default="w8a8,w4a16")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--lines", type=int, default=256)
+    ap.add_argument("--calibration-samples", type=int, default=32)
     ap.add_argument("--fx", action="store_true", help="also compile through the FX path")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -59,9 +60,11 @@ def main() -> None:
     for preset in filter(None, a.presets.split(",")):
         for form, source in sources:
             t0 = time.perf_counter()
-            cm = lowbit.compile(source, recipe=preset, target="onnxruntime", progress=False)
+            cm = lowbit.compile(source, recipe=preset, target="onnxruntime", progress=False,
+                                calibration_samples=a.calibration_samples)
             seconds = round(time.perf_counter() - t0, 1)
             row = {"model": a.model, "preset": preset, "path": form, "compile_s": seconds,
+                   "windows": a.windows, "calibration_samples": a.calibration_samples,
                    **_quality(cm, base.kind, tok, windows, reference, a.lines),
                    "bytes": cm.nbytes}
             print(json.dumps(row), flush=True)

@@ -170,3 +170,14 @@ def test_missing_external_data(tmp_path):
               size_threshold=0)
     (tmp_path / "bad.onnx.data").unlink()
     _compile_writes_nothing(path, tmp_path, "bad.onnx.data.*not there")
+
+
+def test_large_models_use_external_data(llama_onnx, tmp_path, monkeypatch):
+    """Above the threshold (2 GB in real use) sessions and artifacts keep weights outside."""
+    import lowbit.compiler._onnx_run as run
+    small = lowbit.compile(str(llama_onnx), recipe="w4a16-rtn", progress=False)
+    monkeypatch.setattr(run, "EXTERNAL_BYTES", 1)
+    cm = lowbit.compile(str(llama_onnx), recipe="w4a16-rtn", progress=False)
+    out = cm.save(tmp_path / "art")
+    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
+    torch.testing.assert_close(lowbit.load(out)(IDS), small(IDS))
