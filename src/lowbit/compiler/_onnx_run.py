@@ -51,11 +51,26 @@ def session_for(model: ir.Model):
 
 
 def save_model(model: ir.Model, path, external: bool | None = None) -> None:
-    """Write ``model`` to ``path``; weights go to ``<name>.data`` beside it when large."""
+    """Write ``model`` to ``path``; weights go to ``<name>.data`` beside it when large.
+
+    The exporter's debug metadata on nodes (stack traces, FX nodes: megabytes on a real
+    model) is left out of the file; lowbit's own (``lowbit.*``) is kept.
+    """
     path = Path(path)
     if external is None:
         external = _weight_bytes(model) >= EXTERNAL_BYTES
-    ir.save(model, path, external_data=f"{path.name}.data" if external else None)
+    dropped = []
+    for n in model.graph.all_nodes():
+        extra = {k: v for k, v in n.metadata_props.items() if not k.startswith("lowbit.")}
+        if extra:
+            dropped.append((n, extra))
+            for k in extra:
+                del n.metadata_props[k]
+    try:
+        ir.save(model, path, external_data=f"{path.name}.data" if external else None)
+    finally:
+        for n, extra in dropped:
+            n.metadata_props.update(extra)
 
 
 def _typed(v: ir.Value, arr: np.ndarray | None = None) -> None:
