@@ -142,7 +142,8 @@ def hadamard(b: Builder, x: ir.Value, left: torch.Tensor, right: torch.Tensor) -
     shape = b("Shape", x)
     lead = b("Slice", shape, b.ints("start", [0]), b.ints("end", [-1]))
     xr = b("Reshape", x, b("Concat", lead, b.ints("ab", [a, c]), axis=0))
-    y = b("MatMul", b.const("left_t", left.T.contiguous()), b("MatMul", xr, b.const("right", right)))
+    y = b("MatMul", b.const("left_t", left.T.contiguous()),
+          b("MatMul", xr, b.const("right", right)))
     return b("Reshape", y, shape)
 
 
