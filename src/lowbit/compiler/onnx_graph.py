@@ -101,7 +101,9 @@ class OnnxGraph:
         for name, v in g.initializers.items():
             entries[name] = _Entry(name, "constant", v)
         self._entry_of: dict[ir.Node, str] = {}
-        for e in sorted(node_entries(self._order, self._pos), key=lambda e: self._pos[e.parts[-1]]):
+        self._items: dict[str, list[str]] = {}       # multi-output node -> its getitems
+        for e in sorted(node_entries(self._order, self._pos),
+                        key=lambda e: self._pos[e.parts[-1]]):
             entries[e.name] = e
             for p in e.parts:
                 self._entry_of[p] = e.name
@@ -109,11 +111,11 @@ class OnnxGraph:
                 if out.uses() or out.is_graph_output():
                     key = f"{e.name}:{i}"
                     entries[key] = _Entry(key, "getitem", out, op="getitem", parent=e.name)
+                    self._items.setdefault(e.name, []).append(key)
         self._output = "output" if "output" not in entries else self.fresh_name("output")
         entries[self._output] = _Entry(self._output, "output", op="output")
         self._entries = entries
         self._owner = {e.value: k for k, e in entries.items() if e.value is not None}
-
 
     # -- the protocol: structure ------------------------------------------------------------
     def _entry(self, name: str) -> _Entry:
@@ -166,9 +168,7 @@ class OnnxGraph:
             out.append(name)
         if e.value.is_graph_output():
             out.append(self._output)
-        if e.kind == "node":
-            out += [k for k, c in self._entries.items() if c.parent == node]
-        return out
+        return out + self._items.get(node, [])
 
     # -- constants -------------------------------------------------------------------------
     def attr(self, target: str) -> torch.Tensor:
