@@ -58,6 +58,10 @@ def cmd_eval(a):
     if (Path(a.model) / "manifest.json").exists():
         model = lowbit.load(a.model)
         tok = model.tokenizer
+    elif a.model.endswith(".onnx"):
+        from lowbit.compiler.capture import capture
+        captured = capture(a.model)
+        model, tok = captured.graph, captured.tokenizer
     else:
         from lowbit.compiler.capture import load_hf_model
         model, tok, _ = load_hf_model(a.model)
@@ -138,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a model and save the artifact")
-    c.add_argument("model", help="alias (smollm2, minilm), model directory or .gguf file")
+    c.add_argument("model", help="alias (smollm2, minilm), model directory, .gguf or .onnx file")
     c.add_argument("--recipe", default="w4a16", help="preset name or recipe YAML file")
     c.add_argument("--target", default="onnxruntime", help="onnxruntime (cpu) or torch")
     c.add_argument("--out", required=True, help="artifact directory")
@@ -157,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compile)
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity per PROTOCOL")
-    e.add_argument("model", help="artifact directory, alias, model directory or .gguf")
+    e.add_argument("model", help="artifact directory, alias, model directory, .gguf or .onnx")
     e.add_argument("--windows", type=int, default=64)
     e.add_argument("--data-dir", default=None)
     e.set_defaults(fn=cmd_eval)

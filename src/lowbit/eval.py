@@ -23,7 +23,7 @@ def logits_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
     from lowbit.compiler.artifact import CompiledModel
     if isinstance(model, CompiledModel):
         return model
-    if hasattr(model, "run") and hasattr(model, "gm"):        # an FxGraph
+    if hasattr(model, "run") and getattr(model, "form", None) in ("fx", "onnx"):  # a Graph
         return lambda ids: model.run({"input_ids": ids})[0]
     if isinstance(model, torch.nn.Module):
         def call(ids):

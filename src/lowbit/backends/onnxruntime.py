@@ -309,7 +309,11 @@ def lower(graph, spec: ModelSpec, options: Mapping) -> OrtExecutable:
         raise UsageError(f"unknown onnxruntime option(s) {unknown}; valid: "
                          f"{sorted(_DEFAULT_OPTIONS)}")
     tmp = tempfile.TemporaryDirectory(prefix="lowbit-ort-")
-    export_onnx(graph.sync(), spec, Path(tmp.name) / _MODEL, int(opts["accuracy_level"]))
+    if getattr(graph, "form", "fx") == "onnx":     # already ONNX: set options and save
+        graph.set_accuracy_level(int(opts["accuracy_level"]))
+        graph.save(Path(tmp.name) / _MODEL)
+    else:
+        export_onnx(graph.sync(), spec, Path(tmp.name) / _MODEL, int(opts["accuracy_level"]))
     return OrtExecutable(Path(tmp.name), spec, int(opts["threads"]), keep=tmp)
 
 

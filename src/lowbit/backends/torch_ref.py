@@ -16,6 +16,7 @@ import lowbit.ops  # noqa: F401
 from lowbit.backends import BackendInfo, ModelSpec
 from lowbit.backends._export import export_program
 from lowbit.compiler.kv_cache import KVCacheSpec
+from lowbit.errors import LoweringError
 
 __all__ = ["TorchExecutable", "BACKEND"]
 
@@ -79,6 +80,10 @@ def _torch_bytes(obj) -> bytes:
 
 
 def lower(graph, spec: ModelSpec, options: Mapping) -> TorchExecutable:
+    if getattr(graph, "form", "fx") != "fx":
+        raise LoweringError(f"the torch backend runs graphs captured from PyTorch; this one "
+                            f"was captured from {graph.form.upper()}. Fix: "
+                            "target='onnxruntime'")
     return TorchExecutable(graph.sync(), spec)
 
 

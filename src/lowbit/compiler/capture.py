@@ -1,4 +1,5 @@
-"""Capture: nn.Module / Hugging Face model / local directory / .gguf / known alias -> FxGraph."""
+"""Capture: nn.Module / Hugging Face model / local directory / .gguf / known alias -> FxGraph;
+a ``.onnx`` file -> OnnxGraph (:mod:`lowbit.compiler.onnx_capture`)."""
 from __future__ import annotations
 
 import inspect
@@ -22,7 +23,7 @@ _WRAPPER_PREFIX = "model."
 @dataclass
 class Captured:
     """A captured model: its graph plus what is needed to feed and describe it."""
-    graph: FxGraph
+    graph: Any                         # FxGraph | OnnxGraph
     kind: str                          # "causal_lm" | "encoder" | "module"
     name: str
     input_names: list[str]
@@ -128,8 +129,8 @@ def load_hf_model(source: str | os.PathLike):
     else:
         path = Path(src)
         if path.suffix == ".onnx":
-            raise UsageError(f"'{src}': ONNX capture is not available yet; compile the PyTorch "
-                             "model instead (the ONNX adapter is tracked as its own issue)")
+            raise UsageError(f"'{src}' is an ONNX model, not a transformers one: capture it "
+                             "with lowbit.compiler.capture.capture (or lowbit.compile)")
         if path.suffix == ".gguf":
             path, gguf = path.parent, path.name
         if not path.exists():
@@ -248,16 +249,28 @@ def _export(module: torch.nn.Module, example: Mapping[str, torch.Tensor], dynami
 
 def capture(model: Any, example_inputs: Mapping[str, torch.Tensor] | tuple | None = None,
             tokenizer: Any = None, kv_cache: bool | None = False) -> Captured:
-    """Capture ``model`` into an :class:`FxGraph`.
+    """Capture ``model`` into an :class:`FxGraph` (an ``.onnx`` file: an ``OnnxGraph``).
 
     ``model``: an ``nn.Module`` (then ``example_inputs`` are required), a ``transformers``
-    model, a local model directory, a ``.gguf`` file, or a known alias (``"smollm2"``).
+    model, a local model directory, a ``.gguf`` file, a ``.onnx`` file, or a known alias
+    (``"smollm2"``).
     ``kv_cache=True`` captures a causal LM in cache form (:mod:`lowbit.compiler.kv_cache`):
     the graph also takes and returns the per-layer keys and values; left out, they default
     to an empty cache, so ``graph.run({"input_ids": ids})`` still gives the logits.
-    ``kv_cache=None``: cache form for causal LMs, none for other models.
+    ``kv_cache=None``: cache form for causal LMs, none for other models. An ``.onnx`` file is
+    taken as exported (its inputs and outputs, cache or not, are kept); ``kv_cache=True`` is
+    refused for it.
     """
     source = None
+    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
+        if example_inputs is not None:
+            raise UsageError("an ONNX model declares its inputs: drop example_inputs=")
+        if kv_cache:
+            raise UsageError("kv_cache=True needs a PyTorch model: an ONNX file keeps the "
+                             "inputs it was exported with (export it with past key/values to "
+                             "get a cache form)")
+        from lowbit.compiler.onnx_capture import capture_onnx
+        return capture_onnx(model, tokenizer)
     if isinstance(model, (str, os.PathLike)):
         model, loaded_tok, source = load_hf_model(model)
         tokenizer = tokenizer or loaded_tok

@@ -188,6 +188,20 @@ class FxGraph:
         self._index()
         return new.name
 
+    def norm_args(self, node: str) -> dict:
+        """``{"width", "weight", "bias", "eps"}`` of a ``layer_norm``/``native_layer_norm``/
+        ``rms_norm`` node: ``width`` the normalised size if it is one dimension, ``weight``
+        and ``bias`` the nodes of the affine parts (or None), ``eps`` (None: op default)."""
+        n = self.node(node)
+        layer = self.op(node) in ("layer_norm", "native_layer_norm")
+        names = ("input", "normalized_shape", "weight") + (("bias",) if layer else ())
+        args = {"weight": None, "bias": None, "eps": 1e-5 if layer else None,
+                **dict(zip(names + ("eps",), n.args)), **n.kwargs}
+        shape = list(args["normalized_shape"])
+        name = lambda a: a.name if isinstance(a, fx.Node) else None  # noqa: E731
+        return {"width": int(shape[0]) if len(shape) == 1 else None,
+                "weight": name(args["weight"]), "bias": name(args["bias"]), "eps": args["eps"]}
+
     def set_attr(self, target: str, value: torch.Tensor) -> None:
         """Replace the constant ``target`` names (a pass folding values into a norm, say)."""
         self._set_attr(target, value)

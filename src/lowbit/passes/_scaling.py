@@ -71,12 +71,14 @@ def _producer(graph, value: str, k: int, linears: dict) -> Producer | str:
     op, ins = graph.op(value), graph.inputs(value)
     if op in ("layer_norm", "native_layer_norm") or (op == "getitem" and ins
                                                       and graph.op(ins[0]) == "native_layer_norm"):
-        ln = graph.node(ins[0] if op == "getitem" else value)
-        w, b = (ln.args[2], ln.args[3]) if len(ln.args) > 3 else (None, None)
-        if w is None or not _constant_1d(graph, w.name, k):
+        ln = ins[0] if op == "getitem" else value
+        args = graph.norm_args(ln)
+        w, b = args["weight"], args["bias"]
+        if w is None or not _constant_1d(graph, w, k):
             return "layer norm without its own affine weight"
-        ok_b = b is None or _constant_1d(graph, b.name, k)
-        return Producer("norm", ln.name, w.target, b.target if b is not None and ok_b else None) \
+        ok_b = b is None or _constant_1d(graph, b, k)
+        target = graph.node(b).target if b is not None and ok_b else None
+        return Producer("norm", ln, graph.node(w).target, target) \
             if ok_b else "layer norm bias shared or not constant"
     if op == "mul" and len(ins) == 2:
         consts = [i for i in ins if _constant_1d(graph, i, k)]

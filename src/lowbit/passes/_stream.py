@@ -126,13 +126,11 @@ def _native_output(graph, node: str) -> str | None:
 def _norm_op(graph, x: str, node: str, width: int, linears: dict) -> Norm | str:
     """Match an undecomposed ``layer_norm``/``native_layer_norm``/``rms_norm`` of ``x`` over
     its last ``width`` channels, with constant (or no) affine weight and bias."""
-    n, kind = graph.node(node), NORM_OPS[graph.op(node)]
-    names = ("input", "normalized_shape", "weight") + (("bias",) if kind == "layer" else ())
-    args = {"weight": None, "bias": None, "eps": 1e-5 if kind == "layer" else None,
-            **dict(zip(names + ("eps",), n.args)), **n.kwargs}
+    kind = NORM_OPS[graph.op(node)]
+    args = graph.norm_args(node)
     weight, bias = args["weight"], args["bias"]
-    if list(args["normalized_shape"]) != [width] or any(
-            a is not None and graph.op(a.name) != "constant" for a in (weight, bias)):
+    if args["width"] != width or any(
+            a is not None and graph.op(a) != "constant" for a in (weight, bias)):
         return f"norm '{node}' is not over the last {width} channels with constant affine"
     out = _native_output(graph, node) if graph.op(node) == "native_layer_norm" else node
     if out is None:
@@ -140,7 +138,7 @@ def _norm_op(graph, x: str, node: str, width: int, linears: dict) -> Norm | str:
     sites = _linear_readers(graph, out, linears)
     if isinstance(sites, str):
         return sites
-    target = lambda a: a.target if a is not None else None  # noqa: E731
+    target = lambda a: graph.node(a).target if a is not None else None  # noqa: E731
     return Norm(x, out, target(weight), sites, kind, target(bias), args["eps"])
 
 

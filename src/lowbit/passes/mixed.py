@@ -199,6 +199,11 @@ def _check_feasible(size: torch.Tensor, budget_bytes: float, weights: int, o) ->
             provides=("bit_assignment",), preserves=("graph",), options=MixedOptions)
 def mixed(graph, ctx) -> PassResult:
     """Bits per layer minimising Hessian-weighted error under a byte budget (HAWQ-V2)."""
+    if graph.form != "fx":   # Hessian traces need autograd through the graph
+        raise PassError(f"not yet on {graph.form} graphs: the Hessian traces need a graph "
+                        "torch can differentiate. Fix: compile the PyTorch model (or its "
+                        "Hugging Face directory) instead of the .onnx file, or use a "
+                        "fixed-width recipe such as 'w4a16'", pass_name="mixed")
     o = ctx.options
     sites, skipped = select_linears(graph, o.include_head, o.exclude)
     if not sites:

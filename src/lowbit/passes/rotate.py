@@ -35,7 +35,7 @@ import lowbit.ops  # noqa: F401  (torch.ops.lowbit.hadamard)
 from lowbit.compiler.passes import PassResult, graph_pass
 from lowbit.numerics.hadamard import (construction, hadamard_factors, hadamard_matrix,
                                       hadamard_transform, random_signs)
-from lowbit.passes._fx_edits import replace_layer_norm, set_linear_bias
+from lowbit.passes import _fx_edits
 from lowbit.passes._stream import Norm, StreamPlan, find_stream
 
 __all__ = ["rotate", "RotateOptions"]
@@ -47,6 +47,14 @@ _F64 = torch.float64
 class RotateOptions:
     seed: int = 0                   # signs of the randomised Hadamard
     online: bool = True             # online Hadamard before every writer (o_proj, down_proj)
+
+
+def _edits(graph):
+    """The structural edits of the graph's form (FX or ONNX; onnx-ir is optional)."""
+    if graph.form == "onnx":
+        from lowbit.passes import _onnx_edits
+        return _onnx_edits
+    return _fx_edits
 
 
 def _update(graph, site, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -65,7 +73,7 @@ def _shift_bias(graph, site, beta: torch.Tensor) -> None:
     b = w.to(_F64) @ beta
     if site.bias is not None:
         b = b + _constant(graph, site.bias)
-    set_linear_bias(graph, site, b.to(w.dtype), created_by="rotate")
+    _edits(graph).set_linear_bias(graph, site, b.to(w.dtype), created_by="rotate")
 
 
 def _rotate_readers(graph, norm: Norm, q: Callable) -> None:
@@ -77,7 +85,7 @@ def _rotate_readers(graph, norm: Norm, q: Callable) -> None:
             _shift_bias(graph, site, beta)
         _update(graph, site, lambda w: q(w if gamma is None else w * gamma))
     if norm.kind == "layer":
-        replace_layer_norm(graph, norm.output, norm.eps, created_by="rotate")
+        _edits(graph).replace_layer_norm(graph, norm.output, norm.eps, created_by="rotate")
     elif gamma is not None:
         graph.set_attr(norm.gamma, torch.ones_like(graph.attr(norm.gamma)))
 

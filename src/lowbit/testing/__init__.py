@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["tiny_llama", "tiny_qwen2", "tiny_opt", "tiny_gpt2", "tiny_bert", "TINY_MODELS",
-           "assert_numerically_equal", "random_ids"]
+           "assert_numerically_equal", "random_ids", "export_onnx"]
 
 
 def _seeded(fn):
@@ -77,3 +77,35 @@ def assert_numerically_equal(actual: torch.Tensor, expected: torch.Tensor,
                 / exp.abs().max().clamp(min=1e-30))
     assert err <= rtol, f"{what} differ: max relative error {err:.3e} > {rtol:.1e}"
     return err
+
+
+def export_onnx(model, path, max_seq: int = 512):
+    """Export a Hugging Face model to ``path`` with ``torch.onnx.export`` (dynamo), as a user
+    would: ``input_ids -> logits`` for causal LMs, ``(input_ids, attention_mask) ->
+    last_hidden_state`` for encoders, dynamic batch and sequence. Returns ``path``.
+
+    Example::
+
+        >>> export_onnx(tiny_llama(), tmp / "llama.onnx")   # doctest: +SKIP
+    """
+    import contextlib
+    import io
+    import warnings
+
+    from lowbit.compiler.capture import _CausalLM, _Encoder, _is_causal_lm
+    causal = _is_causal_lm(model)
+    ids = random_ids(2, 16, int(model.config.vocab_size))
+    wrapper, args = (_CausalLM(model), (ids,)) if causal else \
+        (_Encoder(model), (ids, torch.ones_like(ids)))
+    names = ["input_ids"] if causal else ["input_ids", "attention_mask"]
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=2, max=max_seq)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(wrapper.eval(), args, input_names=names,
+                                 output_names=["logits" if causal else "last_hidden_state"],
+                                 dynamo=True, dynamic_shapes=tuple({0: batch, 1: seq}
+                                                                   for _ in args),
+                                 optimize=True, verbose=False)
+    prog.save(str(path))
+    return path
