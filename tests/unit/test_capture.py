@@ -126,8 +126,9 @@ def test_missing_path_raises_capture_error(tmp_path):
         capture(str(tmp_path / "no-such-model"))
 
 
-def test_onnx_path_is_a_usage_error(tmp_path):
-    with pytest.raises(lowbit.UsageError, match="ONNX"):
+def test_missing_onnx_file_is_a_capture_error(tmp_path):
+    # .onnx files go through the ONNX adapter (tests/backends/test_onnx_capture.py)
+    with pytest.raises(lowbit.CaptureError, match="ONNX model .* not found"):
         capture(str(tmp_path / "model.onnx"))
 
 

@@ -90,6 +90,9 @@ class Graph(Protocol):
     def quant_linears(self) -> dict[str, dict[str, Any]]:
         """Quantized-linear nodes: name -> attributes (``bits``, ``group_size``...)."""
 
+    def complete(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``inputs`` plus the default value of each optional input left out (a KV cache)."""
+
     def run(self, inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
             observe: Mapping[str, Observer] | None = None) -> list[torch.Tensor]:
         """Evaluate the graph; ``observe`` maps node names to callbacks fed their values."""

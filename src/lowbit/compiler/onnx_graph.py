@@ -375,6 +375,10 @@ class OnnxGraph:
             self._sessions[key] = sess
         return self._sessions[key]
 
+    def complete(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``inputs`` as given: an ONNX graph's inputs are all required (no defaults)."""
+        return dict(inputs)
+
     def run(self, inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
             observe: Mapping[str, Observer] | None = None) -> list[torch.Tensor]:
         feeds = self._feeds(inputs)
