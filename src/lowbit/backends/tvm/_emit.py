@@ -49,9 +49,19 @@ class Emitter:
         if self.cpu:
             y = self._quant_linear_cpu(bb, x2, m, qweight, scales, zero_points, bias, spec)
         else:
-            y = bb.emit_te(_te.quant_linear, x2, qweight, scales, zero_points, bias, spec,
-                           primfunc_name_hint=f"lowbit_quant_linear_{spec.name}")
+            y = self._quant_linear_te(bb, x2, qweight, scales, zero_points, bias, spec)
         return bb.emit(relax.op.reshape(y, [*lead, n]))
+
+    @staticmethod
+    def _quant_linear_te(bb, x2, qweight, scales, zero_points, bias, spec):
+        # emit_te passes only tensors: absent inputs and the spec are bound here
+        def compute(x, w, s, *rest):
+            zp = rest[0] if spec.has_zero_points else None
+            b = rest[-1] if spec.has_bias else None
+            return _te.quant_linear(x, w, s, zp, b, spec)
+        extra = [t for t in (zero_points, bias) if t is not None]
+        return bb.emit_te(compute, x2, qweight, scales, *extra,
+                          primfunc_name_hint=f"lowbit_quant_linear_{spec.name}")
 
     def _quant_linear_cpu(self, bb, x2, m, qweight, scales, zero_points, bias, spec):
         prep = self._func(bb, f"lowbit_prep_{spec.name}", lambda: _cpu.prep_kernel(spec))
@@ -79,7 +89,7 @@ class Emitter:
             y = bb.emit(relax.call_tir(fn, [x2, left, right],
                                        relax.TensorType([m, width], "float32")))
         else:
-            y = bb.emit_te(_te.hadamard, x2, left, right, spec,
+            y = bb.emit_te(lambda a, lt, rt: _te.hadamard(a, lt, rt, spec), x2, left, right,
                            primfunc_name_hint=f"lowbit_hadamard_{spec.name}")
         return bb.emit(relax.op.reshape(y, lead + [width]))
 
