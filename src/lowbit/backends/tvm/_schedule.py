@@ -1,9 +1,17 @@
 """Default CPU schedule for the graph's ordinary operators (norms, attention, softmax...).
 
 TVM 0.27 has no CPU rule for them (dlight ``cpu`` matches only GEMV / reductions, and
-MetaSchedule crashes in this wheel), so legalized operators would run on one thread. This
-pass makes each block's outer data-parallel loops one ``parallel`` loop. lowbit's own kernels
-carry ``tir.is_scheduled`` and are left alone.
+MetaSchedule crashes in this wheel), so legalized operators would run on one thread, and a
+legalized matmul ``y[.., i, j] = sum_k a[.., i, k] b[.., k, j]`` walks ``b`` down a column
+in its innermost loop. This pass
+
+* matmul-like blocks (spatial loops, then one reduction loop): tiles ``j`` by 64 and orders
+  the loops ``(j_outer, .., i, k, j_inner)``, the outer ones fused into one parallel loop:
+  the inner loop is a contiguous axpy LLVM vectorizes, and one 64-column panel of ``b``
+  (``K x 64`` floats) serves every row before the next is read;
+* other blocks: the outer data-parallel loops fused into one ``parallel`` loop.
+
+lowbit's own kernels carry ``tir.is_scheduled`` and are left alone.
 """
 from __future__ import annotations
 
@@ -34,7 +42,26 @@ def _has_root(sch) -> bool:
         return False
 
 
+_PANEL = 64
+
+
+def _matmul_like(sch, block) -> bool:
+    loops = sch.get_loops(block)
+    kinds = [it.iter_type for it in sch.get(block).iter_vars]
+    if len(loops) != len(kinds) or len(kinds) < 3 or kinds[-1] != tirx.IterVar.CommReduce \
+            or any(k != tirx.IterVar.DataPar for k in kinds[:-1]):
+        return False
+    *spatial, k = loops
+    jo, ji = sch.split(spatial[-1], [None, _PANEL])
+    sch.reorder(jo, *spatial[:-1], k, ji)
+    sch.parallel(sch.fuse(jo, *spatial[:-1]))
+    sch.decompose_reduction(block, k)
+    return True
+
+
 def _parallel_outer(sch, block) -> None:
+    if _matmul_like(sch, block):
+        return
     loops = sch.get_loops(block)
     iters = sch.get(block).iter_vars
     spatial = []
