@@ -62,11 +62,12 @@ def test_manifest_records_recipe_passes_and_figures(w8a16):
     assert {"python", "torch", "lowbit"} <= set(m["versions"])
 
 
-@pytest.mark.parametrize("target", ["cuda", "llvm"])
-def test_tvm_targets_are_not_available(target, mlp, mlp_input):
-    with pytest.raises(lowbit.UsageError, match=f"'{target}' needs the TVM backend, which is "
-                                                "not available"):
-        lowbit.compile(mlp, recipe="w8a16", target=target, example_inputs=(mlp_input,))
+@pytest.mark.parametrize("target,backend", [("llvm", "tvm-llvm"), ("tvm", "tvm-llvm"),
+                                            ("cuda", "tvm-cuda")])
+def test_tvm_targets_resolve_to_the_tvm_backends(target, backend):
+    from lowbit.compiler.pipeline import resolve_backend
+    from lowbit.plugins.manager import get_registry
+    assert resolve_backend(target, get_registry()).name == backend
 
 
 def test_unknown_target_lists_the_targets(mlp, mlp_input):

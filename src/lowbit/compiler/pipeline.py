@@ -22,15 +22,9 @@ from lowbit.plugins.manager import get_registry
 
 __all__ = ["compile", "resolve_backend", "calibration_batches"]
 
-_TVM_TARGETS = ("cuda", "llvm", "tvm")
-
-
 def resolve_backend(target: str, registry):
     if target in registry.backends:
         return registry.backends[target]
-    if target in _TVM_TARGETS:
-        raise UsageError(f"target '{target}' needs the TVM backend, which is not available in "
-                         f"this version yet; use target='onnxruntime' (edge CPUs) or 'torch'")
     raise UsageError(f"unknown target '{target}'; available targets: "
                      f"{sorted(registry.backends)}")
 

@@ -23,8 +23,8 @@ def lowbit_passes():
 
 @hookimpl
 def lowbit_backends():
-    from lowbit.backends import onnxruntime, torch_ref
-    return [torch_ref.BACKEND, onnxruntime.BACKEND]
+    from lowbit.backends import onnxruntime, torch_ref, tvm
+    return [torch_ref.BACKEND, onnxruntime.BACKEND, tvm.LLVM_BACKEND, tvm.CUDA_BACKEND]
 
 
 _W4 = {"bits": 4, "group_size": 128, "symmetric": False}

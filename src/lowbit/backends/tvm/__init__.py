@@ -1,0 +1,112 @@
+"""Apache TVM backend: the compiled graph lowered to Relax, lowbit nodes to TIR kernels.
+
+Two registered backends share this package: ``tvm-llvm`` (targets ``llvm``, ``tvm``; CPU,
+hand-scheduled kernels in :mod:`._cpu`) and ``tvm-cuda`` (target ``cuda``; compute definitions
+in :mod:`._te` scheduled by TVM's dlight GPU rules). ``tvm`` (apache-tvm 0.27) is imported
+only when one of them lowers or loads a model.
+
+Options: ``mcpu`` (llvm; default ``x86-64-v3`` on x86-64 hosts -- AVX2+FMA, portable to
+any such CPU -- or ``native`` for this CPU, resolved with ``llvm_get_system_cpu`` because
+LLVM's own ``native`` silently yields generic code), ``threads`` (CPU thread pool; 0 = TVM's
+default), ``arch`` (cuda; default ``sm_90``), ``target`` (a full JSON-dict target).
+"""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Mapping
+
+from lowbit.backends import BackendInfo, ModelSpec
+from lowbit.errors import LoweringError, UsageError
+
+__all__ = ["LLVM_BACKEND", "CUDA_BACKEND", "resolve_target", "build"]
+
+_OPTIONS = {"llvm": {"mcpu": None, "threads": 0, "target": None},
+            "cuda": {"arch": "sm_90", "target": None}}
+
+
+def _require():
+    try:
+        import tvm  # noqa: F401
+    except ImportError as e:
+        raise UsageError("the TVM backend needs the [tvm] extra (apache-tvm 0.27): "
+                         "pip install 'lowbit[tvm]'") from e
+
+
+def resolve_target(kind: str, options: Mapping) -> dict:
+    """The JSON-dict target for ``kind`` ('llvm' or 'cuda') and the backend options."""
+    import tvm
+    if options.get("target"):
+        return dict(options["target"])
+    if kind == "cuda":
+        return {"kind": "cuda", "arch": options.get("arch") or "sm_90"}
+    mcpu = options.get("mcpu")
+    if mcpu == "native":
+        mcpu = tvm.target.codegen.llvm_get_system_cpu()
+    elif mcpu is None and platform.machine() in ("x86_64", "AMD64"):
+        mcpu = "x86-64-v3"
+    return {"kind": "llvm", **({"mcpu": mcpu} if mcpu else {})}
+
+
+def build(mod, target: Mapping):
+    """``tvm.compile`` with TVM's default pipeline for ``target``; on CPUs with
+    :func:`._schedule.parallelize_cpu` between legalization and lowering."""
+    import tvm
+    from tvm import relax
+    tgt = tvm.target.Target(dict(target))
+    if tgt.kind.name != "llvm":
+        return tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from lowbit.backends.tvm._schedule import parallelize_cpu
+    passes = (cpu.library_dispatch_passes(tgt) + cpu.legalize_passes(tgt) + [parallelize_cpu]
+              + cpu.dataflow_lower_passes(tgt) + cpu.finalize_passes(tgt))
+
+    @tvm.transform.module_pass(opt_level=0, name="lowbit.CPUPipeline")
+    def pipeline(m, _ctx):
+        with tgt:
+            return tvm.transform.Sequential(passes)(m)
+    return tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
+
+
+def _options(kind: str, options: Mapping) -> dict:
+    unknown = sorted(set(options) - set(_OPTIONS[kind]))
+    if unknown:
+        raise UsageError(f"unknown tvm ({kind}) option(s) {unknown}; valid: "
+                         f"{sorted(_OPTIONS[kind])}")
+    return {**_OPTIONS[kind], **options}
+
+
+def _lower(kind: str, graph, spec: ModelSpec, options: Mapping):
+    _require()
+    from lowbit.backends.tvm._import import import_graph
+    from lowbit.backends.tvm._runtime import TvmExecutable
+    opts = _options(kind, options)
+    target = resolve_target(kind, opts)
+    mod, params = import_graph(graph.sync(), spec, cpu=kind == "llvm")
+    try:
+        library = build(mod, target)
+    except Exception as e:
+        raise LoweringError(f"TVM build for {target} failed: {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[-1][:400]}") from e
+    exe = TvmExecutable(library, params, spec, target, f"tvm-{kind}", int(opts.get("threads", 0)))
+    if kind == "cuda" and "cuda" not in exe.imported_kinds():
+        raise LoweringError("TVM built no CUDA kernel for this graph (no dlight rule matched)")
+    return exe
+
+
+def _load(kind: str, directory: Path, manifest: Mapping):
+    _require()
+    from lowbit.backends.tvm._runtime import load
+    return load(directory, manifest, f"tvm-{kind}")
+
+
+LLVM_BACKEND = BackendInfo(
+    name="tvm-llvm", lower=lambda g, s, o: _lower("llvm", g, s, o),
+    load=lambda d, m: _load("llvm", d, m), aliases=("llvm", "tvm"),
+    description="Apache TVM for CPUs: Relax + hand-scheduled TIR low-bit kernels (.so)",
+    options=tuple(_OPTIONS["llvm"]))
+CUDA_BACKEND = BackendInfo(
+    name="tvm-cuda", lower=lambda g, s, o: _lower("cuda", g, s, o),
+    load=lambda d, m: _load("cuda", d, m), aliases=("cuda",),
+    description="Apache TVM for NVIDIA GPUs: Relax + dlight-scheduled TIR kernels (.so)",
+    options=tuple(_OPTIONS["cuda"]))

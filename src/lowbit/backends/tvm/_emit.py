@@ -1,0 +1,101 @@
+"""Emit lowbit's operators into a Relax function being built (one place for both targets).
+
+CPU (llvm): ``call_tir`` of the hand-scheduled kernels in :mod:`._cpu` (marked scheduled, so
+no default schedule touches them). GPU: ``emit_te`` of the compute definitions in :mod:`._te`,
+scheduled later by dlight together with the rest of the graph.
+"""
+from __future__ import annotations
+
+import math
+
+from tvm import relax
+
+from lowbit.backends.tvm import _cpu, _te
+from lowbit.backends.tvm.kernels import HadamardSpec, QuantLinearSpec
+
+__all__ = ["Emitter"]
+
+
+def _shape(expr) -> list:
+    shape = expr.ty.shape
+    if shape is None:
+        raise ValueError(f"lowbit TVM lowering needs a known shape for {expr}")
+    return list(shape)
+
+
+class Emitter:
+    """Adds lowbit kernels to a Relax ``BlockBuilder``; each distinct kernel once."""
+
+    def __init__(self, cpu: bool):
+        self.cpu = cpu
+        self._funcs: dict[str, relax.GlobalVar] = {}
+
+    def _func(self, bb: relax.BlockBuilder, name: str, make) -> relax.GlobalVar:
+        if name not in self._funcs:
+            self._funcs[name] = bb.add_func(make(), name)
+        return self._funcs[name]
+
+    @staticmethod
+    def _rows(bb, x, width: int):
+        """``x [..., width] -> [M, width]``; returns the 2-D view and the leading dims."""
+        lead = _shape(x)[:-1]
+        m = math.prod(lead) if lead else 1
+        return bb.emit(relax.op.reshape(x, [m, width])), lead, m
+
+    def quant_linear(self, bb, x, qweight, scales, zero_points, bias,
+                     spec: QuantLinearSpec):
+        x2, lead, m = self._rows(bb, x, spec.in_features)
+        n = spec.out_features
+        if self.cpu:
+            y = self._quant_linear_cpu(bb, x2, m, qweight, scales, zero_points, bias, spec)
+        else:
+            y = self._quant_linear_te(bb, x2, qweight, scales, zero_points, bias, spec)
+        return bb.emit(relax.op.reshape(y, [*lead, n]))
+
+    @staticmethod
+    def _quant_linear_te(bb, x2, qweight, scales, zero_points, bias, spec):
+        # emit_te passes only tensors: absent inputs and the spec are bound here
+        def compute(x, w, s, *rest):
+            zp = rest[0] if spec.has_zero_points else None
+            b = rest[-1] if spec.has_bias else None
+            return _te.quant_linear(x, w, s, zp, b, spec)
+        extra = [t for t in (zero_points, bias) if t is not None]
+        return bb.emit_te(compute, x2, qweight, scales, *extra,
+                          primfunc_name_hint=f"lowbit_quant_linear_{spec.name}")
+
+    def _quant_linear_cpu(self, bb, x2, m, qweight, scales, zero_points, bias, spec):
+        prep = self._func(bb, f"lowbit_prep_{spec.name}", lambda: _cpu.prep_kernel(spec))
+        matmul = self._func(bb, f"lowbit_quant_linear_{spec.name}",
+                            lambda: _cpu.matmul_kernel(spec))
+        g, c, u = spec.n_groups, spec.codes_per_unit, spec.units_per_group
+        f32 = "float32"
+        prepped = bb.emit(relax.call_tir(prep, [x2], [
+            relax.TensorType([m, g, c, u], f32), relax.TensorType([m, g], f32),
+            relax.TensorType([m], f32)]))
+        # absent zero points / bias: the kernel still takes a (1,)-shaped placeholder
+        zp = zero_points if zero_points is not None else relax.const(
+            _zeros((1,), "uint8"))
+        b = bias if bias is not None else relax.const(_zeros((1,), f32))
+        args = [relax.TupleGetItem(prepped, i) for i in range(3)] + [qweight, scales, zp, b]
+        return bb.emit(relax.call_tir(matmul, args,
+                                      relax.TensorType([m, spec.out_features], f32)))
+
+    def hadamard(self, bb, x, left, right, spec: HadamardSpec):
+        width = spec.left * spec.right
+        x2, lead, m = self._rows(bb, x, width)
+        if self.cpu:
+            fn = self._func(bb, f"lowbit_hadamard_{spec.name}",
+                            lambda: _cpu.hadamard_kernel(spec))
+            y = bb.emit(relax.call_tir(fn, [x2, left, right],
+                                       relax.TensorType([m, width], "float32")))
+        else:
+            y = bb.emit_te(lambda a, lt, rt: _te.hadamard(a, lt, rt, spec), x2, left, right,
+                           primfunc_name_hint=f"lowbit_hadamard_{spec.name}")
+        return bb.emit(relax.op.reshape(y, lead + [width]))
+
+
+def _zeros(shape, dtype):
+    import numpy as np
+    import tvm
+    return tvm.runtime.tensor(np.zeros(shape, dtype=dtype))
+

@@ -1,0 +1,113 @@
+"""The compiled TVM model: a Relax VM over an exported library plus its parameters.
+
+Saved as ``model.so`` (``export_library``: host code + device kernels), ``params.safetensors``
+(every weight, packed ones included, in the order ``main`` takes them) and ``tvm.json``
+(target, parameter order). Loading runs the library as it is: nothing is re-compiled.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit.backends import ModelSpec
+
+__all__ = ["TvmExecutable", "LIBRARY", "PARAMS", "META"]
+
+LIBRARY, PARAMS, META = "model.so", "params.safetensors", "tvm.json"
+
+
+def _device(target: Mapping):
+    import tvm
+    return tvm.cuda(0) if target["kind"] == "cuda" else tvm.cpu(0)
+
+
+def set_threads(threads: int) -> None:
+    """Size TVM's CPU thread pool (its default here is 1 thread)."""
+    import tvm
+    if threads > 0:
+        tvm.get_global_func("runtime.config_threadpool")(0, threads)
+
+
+class TvmExecutable:
+    def __init__(self, library, params: Sequence[torch.Tensor], spec: ModelSpec,
+                 target: Mapping, backend: str, threads: int = 0,
+                 library_path: Path | None = None):
+        self.library, self.spec, self.target, self.backend = library, spec, dict(target), backend
+        self.params = list(params)
+        self.threads = threads
+        self._vm = None
+        self._device_params = None
+        self._export = None
+        self._library_path = library_path
+
+    def _ready(self):
+        if self._vm is None:
+            import tvm
+            from tvm import relax
+            set_threads(self.threads)
+            dev = _device(self.target)
+            self._vm = relax.VirtualMachine(self.library, dev)
+            self._device_params = [tvm.runtime.tensor(p.contiguous().numpy(), dev)
+                                   for p in self.params]
+        return self._vm
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        import tvm
+        vm = self._ready()
+        dev = _device(self.target)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[k].numpy()), dev)
+                for k in self.spec.input_names]
+        out = vm["main"](*args, *self._device_params)
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return [torch.from_numpy(o.numpy()) for o in outs]
+
+    def imported_kinds(self) -> list[str]:
+        """Kinds of the modules the library links (``llvm``, ``cuda``, ...)."""
+        lib = self.library if hasattr(self.library, "imports") else self.library.mod
+        kinds, todo = [], [lib]
+        while todo:
+            m = todo.pop()
+            kinds.append(m.kind if hasattr(m, "kind") else m.type_key)
+            todo.extend(m.imports)
+        return kinds
+
+    def _exported(self) -> Path:
+        """The library exported once (linking takes seconds), kept for ``save``/``nbytes``."""
+        if self._library_path is not None:
+            return self._library_path
+        if self._export is None:
+            self._export = tempfile.TemporaryDirectory(prefix="lowbit-tvm-")
+            self.library.export_library(str(Path(self._export.name) / LIBRARY))
+        return Path(self._export.name) / LIBRARY
+
+    @property
+    def nbytes(self) -> int:
+        params = sum(p.numel() * p.element_size() for p in self.params)
+        return self._exported().stat().st_size + params
+
+    def save(self, directory: Path) -> list[str]:
+        shutil.copy2(self._exported(), directory / LIBRARY)
+        save_file({f"p{i:05d}": p.detach().contiguous() for i, p in enumerate(self.params)},
+                  str(directory / PARAMS))
+        (directory / META).write_text(json.dumps(
+            {"target": self.target, "params": len(self.params), "threads": self.threads}))
+        return [LIBRARY, PARAMS, META]
+
+
+def load(directory: Path, manifest: Mapping, backend: str) -> TvmExecutable:
+    import tvm
+    meta = json.loads((directory / META).read_text())
+    state = load_file(str(directory / PARAMS))
+    params = [state[f"p{i:05d}"] for i in range(meta["params"])]
+    m = manifest["model"]
+    spec = ModelSpec(kind=m["kind"], input_names=tuple(m["input_names"]))
+    library = tvm.runtime.load_module(str(directory / LIBRARY))
+    return TvmExecutable(library, params, spec, meta["target"], backend, meta.get("threads", 0),
+                         library_path=directory / LIBRARY)
