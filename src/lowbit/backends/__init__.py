@@ -55,3 +55,4 @@ class BackendInfo:
     aliases: tuple[str, ...] = ()
     description: str = ""
     options: tuple[str, ...] = ()
+    kv_cache: bool = True          # lowers graphs in KV-cache form (kv_cache.py)

@@ -247,6 +247,32 @@ def _export(module: torch.nn.Module, example: Mapping[str, torch.Tensor], dynami
             "use attn_implementation='sdpa' or 'eager'.") from e
 
 
+def _drop_empty_concats(gm: torch.fx.GraphModule) -> None:
+    """Drop the 1-D empty tensors that Hugging Face caches concatenate the past onto.
+
+    ``torch.cat([tensor([]), past])`` is legal in torch (a legacy rule) but not in other
+    importers (TVM's Relax requires equal ranks); dropping the empty operand is exact.
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
+            continue
+        parts = node.args[0]
+        keep = [a for a in parts if not (isinstance(a, torch.fx.Node)
+                                         and isinstance(a.meta.get("val"), torch.Tensor)
+                                         and tuple(a.meta["val"].shape) == (0,))]
+        if len(keep) == len(parts) or not keep:
+            continue
+        if len(keep) == 1:
+            node.replace_all_uses_with(keep[0])
+        else:
+            node.args = (keep, *node.args[1:])
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+
 def capture(model: Any, example_inputs: Mapping[str, torch.Tensor] | tuple | None = None,
             tokenizer: Any = None, kv_cache: bool | None = False) -> Captured:
     """Capture ``model`` into an :class:`FxGraph` (an ``.onnx`` file: an ``OnnxGraph``).
@@ -318,7 +344,10 @@ def capture(model: Any, example_inputs: Mapping[str, torch.Tensor] | tuple | Non
             example = dict(zip(params, example_inputs))
         ep = _export(model, example, dynamic=False, name=name)
         prefix = ""
-    graph = FxGraph(ep.module(), prefix=prefix,
+    gm = ep.module()
+    if cache is not None:
+        _drop_empty_concats(gm)
+    graph = FxGraph(gm, prefix=prefix,
                     optional_inputs=cache.empty if cache is not None else None)
     return Captured(graph=graph, kind=kind, name=name, input_names=list(example),
                     example_inputs={**example, **example_cache},

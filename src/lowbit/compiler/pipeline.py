@@ -97,7 +97,8 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
             kv_cache: bool | None = None) -> CompiledModel:
     """Compile ``model`` with ``recipe`` for ``target``; returns a :class:`CompiledModel`.
 
-    ``kv_cache`` (default: on for Hugging Face causal LMs) captures the model in cache form:
+    ``kv_cache`` (default: on for Hugging Face causal LMs on backends that lower a cache;
+    the TVM targets do not yet) captures the model in cache form:
     the artifact takes and returns per-layer keys and values, so :meth:`CompiledModel.generate`
     decodes one token per step; ``cm(input_ids)`` still returns the logits.
 
@@ -114,6 +115,12 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
     backend = resolve_backend(target, registry)
     rec = override(load_recipe(recipe, registry.presets), recipe_options)
     passes = schedule(rec, registry)
+    if kv_cache is None:
+        kv_cache = None if backend.kv_cache else False
+    elif kv_cache and not backend.kv_cache:
+        raise UsageError(f"backend '{backend.name}' does not lower a KV cache yet: compile "
+                         "with kv_cache=False (generate() then recomputes the whole sequence "
+                         "per token) or pick target='onnxruntime'/'torch'")
     captured = capture(model, example_inputs=example_inputs, tokenizer=tokenizer,
                        kv_cache=kv_cache)
     needs_data = any("calibration" in sp.info.requires for sp in passes)

@@ -104,9 +104,9 @@ LLVM_BACKEND = BackendInfo(
     name="tvm-llvm", lower=lambda g, s, o: _lower("llvm", g, s, o),
     load=lambda d, m: _load("llvm", d, m), aliases=("llvm", "tvm"),
     description="Apache TVM for CPUs: Relax + hand-scheduled TIR low-bit kernels (.so)",
-    options=tuple(_OPTIONS["llvm"]))
+    options=tuple(_OPTIONS["llvm"]), kv_cache=False)
 CUDA_BACKEND = BackendInfo(
     name="tvm-cuda", lower=lambda g, s, o: _lower("cuda", g, s, o),
     load=lambda d, m: _load("cuda", d, m), aliases=("cuda",),
     description="Apache TVM for NVIDIA GPUs: Relax + dlight-scheduled TIR kernels (.so)",
-    options=tuple(_OPTIONS["cuda"]))
+    options=tuple(_OPTIONS["cuda"]), kv_cache=False)
