@@ -8,7 +8,7 @@ import torch
 
 import lowbit
 from lowbit.numerics.bitalloc import InfeasibleBudget, solve_allocation
-from lowbit.passes.mixed import hessian_traces, parse_format
+from lowbit.passes.mixed import ggn_traces, hessian_traces, parse_format
 from lowbit.testing import random_ids, tiny_llama
 
 CALIB = random_ids(4, 32, seed=3)
@@ -82,6 +82,46 @@ def test_hutchinson_trace_is_unbiased_on_a_non_diagonal_hessian():
         off_diagonal = float(h.pow(2).sum() - h.diagonal().pow(2).sum())
         sd = (2 * off_diagonal / samples) ** 0.5
         assert abs(est[site.node] - float(h.trace())) <= 4 * sd
+
+
+def test_ggn_trace_matches_the_exact_gauss_newton_trace():
+    """Two linears with a tanh between, MSE to the float output (N outputs).
+
+    The Gauss-Newton matrix is ``G = 2/N J^T J`` with ``J = d out / d W``, so
+    ``tr(G) = 2/N ||J||_F^2`` from the exact Jacobian. Each sample ``||J^T e||^2`` with
+    ``e ~ N(0, 2/N I)`` has mean ``tr(G)`` and variance ``2 ||G||_F^2``; with 2000 samples the
+    estimate must lie within 4 standard deviations.
+    """
+    from lowbit.compiler.capture import capture
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4, bias=False), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 3, bias=False))
+    x = torch.randn(1, 16, 5, generator=torch.Generator().manual_seed(1)) + 1.0
+    graph = capture(net, example_inputs=(x,)).graph
+    samples = 2000
+    est = ggn_traces(graph, graph.linears(), [{graph.placeholders()[0]: x}], "module",
+                     samples=samples)
+    params = dict(net.named_parameters())
+    n_out = net(x).numel()
+    for site, key in zip(graph.linears(), ("0.weight", "2.weight")):
+        def out(w, key=key):
+            return torch.func.functional_call(net, {**params, key: w}, (x,)).reshape(-1)
+        jac = torch.autograd.functional.jacobian(out, params[key].detach()).reshape(n_out, -1)
+        g = 2 / n_out * jac.T @ jac
+        sd = (2 * float(g.pow(2).sum()) / samples) ** 0.5
+        assert float(g.trace()) > 0
+        assert abs(est[site.node] - float(g.trace())) <= 4 * sd
+
+
+def test_ggn_traces_of_a_causal_lm_are_positive():
+    """Every GGN (Fisher) sample is a squared norm: no layer can look 'free to quantize'."""
+    from lowbit.compiler.capture import capture
+    graph = capture(tiny_llama(), kv_cache=False).graph
+    sites = graph.linears()
+    batch = {"input_ids": torch.randint(0, 128, (1, 32), generator=torch.Generator()
+                                        .manual_seed(0))}
+    traces = ggn_traces(graph, sites, [batch], "causal_lm", samples=2)
+    assert len(traces) == len(sites)
+    assert all(t > 0 for t in traces.values())
 
 
 def test_bad_candidates_are_rejected():
