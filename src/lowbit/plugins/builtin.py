@@ -61,9 +61,10 @@ def lowbit_presets():
                "per token (dynamic; fake-quantized before the weight-only kernel)"),
         Recipe("w4a4", (PassSpec("rotate"), PassSpec("gptq", _GPTQ),
                         PassSpec("act_quant", {"bits": 4, "integer_only": False}),
-                        PassSpec("pack")),
+                        PassSpec("act_clip"), PassSpec("pack")),
                "int4 weights (group 128, asymmetric) by rotation + GPTQ, int4 activations "
-               "per token (dynamic; fake-quantized before the weight-only kernel)"),
+               "per token (dynamic; fake-quantized before the weight-only kernel) with a "
+               "clip ratio per layer searched on calibration data (act_clip)"),
         Recipe("w4a16-rtn", (PassSpec("rtn", _W4), PassSpec("pack")),
                "int4 weights (group 128, asymmetric) by round-to-nearest: no calibration data"),
         Recipe("w3a16", (PassSpec("rotate"), PassSpec("gptq", {**_GPTQ, "bits": 3}),
