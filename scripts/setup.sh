@@ -12,7 +12,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first and pinned: this CPU wheel is on local disk; anything else pulls CUDA builds
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[onnx,dev]"
+  .venv/bin/python -m pip install -q -e ".[onnx,tvm,dev]"
   touch "$stamp"
 fi
 .venv/bin/lowbit fetch all
