@@ -6,6 +6,7 @@ Compiling a tiny model takes ~10-30 s on 2 cores; each is compiled once per modu
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -68,6 +69,19 @@ def test_unknown_option_is_refused():
                        backend_options={"mcpus": "native"}, progress=False)
 
 
+def _has_cuda_device() -> bool:
+    import tvm
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:                        # noqa: BLE001 - no driver: no device
+        return False
+
+
+NEEDS_NVCC = pytest.mark.skipif(shutil.which("nvcc") is None,
+                                reason="CUDA code generation needs nvcc (CUDA toolkit) on PATH")
+
+
+@NEEDS_NVCC
 def test_cuda_codegen_without_a_gpu(compiled, tmp_path):
     """``target='cuda'`` builds a library with CUDA kernels here (nvcc, no device)."""
     cm = compiled("w4a16-rtn", "cuda")
@@ -78,3 +92,13 @@ def test_cuda_codegen_without_a_gpu(compiled, tmp_path):
     assert any(n.startswith("lowbit_quant_linear_") for n in names)
     path = cm.save(tmp_path / "cuda")
     assert (path / "model.so").stat().st_size > 0
+
+
+@pytest.mark.gpu
+@NEEDS_NVCC
+@pytest.mark.skipif(not _has_cuda_device(), reason="no CUDA GPU on this machine")
+def test_cuda_library_runs_on_a_gpu(compiled):
+    """On a GPU the CUDA artifact's logits match the torch reference (float32 kernels)."""
+    cm, ref = compiled("w4a16-rtn", "cuda"), _reference("w4a16-rtn")
+    for ids in (random_ids(2, 17, seed=31), random_ids(1, 1, seed=32)):
+        assert max_relative_error(ref(ids), cm(ids)) < 1e-4
