@@ -32,7 +32,7 @@ def compiled():
             opts = {"mcpu": "native", "threads": 2} if target == "llvm" else {}
             cache[recipe, target] = lowbit.compile(
                 tiny_llama(**LLAMA), recipe=recipe, target=target, backend_options=opts,
-                progress=False, verify=target != "cuda")
+                progress=False)
         return cache[recipe, target]
     return get
 
@@ -87,6 +87,8 @@ def test_cuda_codegen_without_a_gpu(compiled, tmp_path):
     cm = compiled("w4a16-rtn", "cuda")
     assert cm.backend == "tvm-cuda"
     assert "cuda" in cm.executable.imported_kinds()
+    if not _has_cuda_device():          # built and kept, compared with torch where it runs
+        assert cm.figures["backend_verification"].startswith("skipped: tvm-cuda cannot run")
     from lowbit.backends.tvm.inspect import cuda_kernels
     names = [k["name"] for k in cuda_kernels(cm.executable)]
     assert any(n.startswith("lowbit_quant_linear_") for n in names)

@@ -47,6 +47,15 @@ class TvmExecutable:
         self._export = None
         self._library_path = library_path
 
+    def can_run(self) -> bool:
+        """False for a CUDA library on a machine without a CUDA device (it still saves)."""
+        if self.target["kind"] != "cuda":
+            return True
+        try:
+            return bool(_device(self.target).exist)
+        except Exception:                  # noqa: BLE001 - no driver at all: no device
+            return False
+
     def _ready(self):
         if self._vm is None:
             import tvm
