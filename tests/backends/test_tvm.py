@@ -1,5 +1,6 @@
 """TVM backend end to end: a tiny random Llama through the llvm target (logits vs the torch
-reference backend, save/load without re-compiling) and CUDA code generation (no GPU needed).
+reference backend, KV-cache decoding, save/load without re-compiling) and CUDA code
+generation (no GPU needed).
 
 Compiling a tiny model takes ~10-30 s on 2 cores; each is compiled once per module.
 """
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 import lowbit
+from lowbit.backends.tvm import LLVM_BACKEND
 from lowbit.compiler.instruments import max_relative_error
-from lowbit.testing import random_ids, tiny_llama
+from lowbit.testing import assert_numerically_equal, random_ids, tiny_llama
 
 pytest.importorskip("tvm")
 
@@ -27,13 +29,13 @@ TOL = 1e-5
 def compiled():
     cache = {}
 
-    def get(recipe, target="llvm"):
-        if (recipe, target) not in cache:
+    def get(recipe, target="llvm", kv_cache=None):
+        if (recipe, target, kv_cache) not in cache:
             opts = {"mcpu": "native", "threads": 2} if target == "llvm" else {}
-            cache[recipe, target] = lowbit.compile(
+            cache[recipe, target, kv_cache] = lowbit.compile(
                 tiny_llama(**LLAMA), recipe=recipe, target=target, backend_options=opts,
-                progress=False)
-        return cache[recipe, target]
+                progress=False, kv_cache=kv_cache)
+        return cache[recipe, target, kv_cache]
     return get
 
 
@@ -61,6 +63,41 @@ def test_llvm_artifact_loads_without_recompiling(compiled, tmp_path):
     assert loaded.backend == "tvm-llvm"
     ids = random_ids(2, 9, seed=5)
     assert torch.equal(loaded(ids), cm(ids))
+
+
+# the cache form imports (one shape var for the past length) but its build is unverified
+cache_form = pytest.mark.xfail(not LLVM_BACKEND.kv_cache, strict=True,
+                               reason="tvm-llvm does not lower the KV-cache form yet")
+
+
+def _incremental(cm, ids, splits):
+    """Logits of ``ids`` fed in chunks ending at ``splits``, each step given the last cache."""
+    past, chunks, start = cm.cache.empty(ids.shape[0]), [], 0
+    for stop in splits:
+        logits, *present = cm.executable({"input_ids": ids[:, start:stop], **past})
+        chunks.append(logits)
+        past, start = dict(zip(cm.cache.input_names, present)), stop
+    return torch.cat(chunks, dim=1)
+
+
+@cache_form
+def test_llvm_kv_cache_decode_equals_the_full_sequence(compiled):
+    """Prefill from an empty cache (past = 0), then a chunk and single-token decode steps."""
+    cm = compiled("w4a16-rtn", kv_cache=True)
+    assert cm.cache is not None
+    ids = random_ids(2, 12, seed=9)
+    assert_numerically_equal(_incremental(cm, ids, (7, 9, 10, 11, 12)), cm(ids), rtol=TOL,
+                             what="tvm-llvm incremental logits")
+
+
+@cache_form
+def test_llvm_greedy_generation_matches_torch_reference(compiled):
+    ids = random_ids(1, 6, seed=4)
+    got = compiled("w4a16-rtn", kv_cache=True).generate(ids, max_new_tokens=8,
+                                                         stop_at_eos=False)
+    want = _reference("w4a16-rtn").generate(ids, max_new_tokens=8, stop_at_eos=False)
+    assert got.ids.shape == (1, 14)
+    assert torch.equal(got.ids, want.ids)
 
 
 def test_unknown_option_is_refused():
@@ -104,3 +141,13 @@ def test_cuda_library_runs_on_a_gpu(compiled):
     cm, ref = compiled("w4a16-rtn", "cuda"), _reference("w4a16-rtn")
     for ids in (random_ids(2, 17, seed=31), random_ids(1, 1, seed=32)):
         assert max_relative_error(ref(ids), cm(ids)) < 1e-4
+
+
+@cache_form
+def test_llvm_cache_form_artifact_loads_and_generates(compiled, tmp_path):
+    cm = compiled("w4a16-rtn", kv_cache=True)
+    loaded = lowbit.load(cm.save(tmp_path / "cached"))
+    assert cm.cache is not None and loaded.cache == cm.cache
+    ids = random_ids(2, 9, seed=5)
+    assert torch.equal(loaded.generate(ids, 4, stop_at_eos=False).ids,
+                       cm.generate(ids, 4, stop_at_eos=False).ids)

@@ -5,6 +5,9 @@ made a parameter so that it stays a function input (saved next to the library, n
 it), then imported with a converter map in which
 
 * ``lowbit.quant_linear`` / ``lowbit.hadamard`` emit lowbit's kernels (:mod:`._emit`);
+* symbols that torch.export gave one ``Dim`` on different inputs are made one shape var
+  (the cache's past length has come out as s15 on some layers and s92 on others: Relax then
+  sees unrelated lengths, and building failed with ``VarRemapGet(source) == nullptr``);
 * every stock converter is wrapped to repair what the 0.27 importer gets wrong on exported
   Hugging Face graphs: a result whose shape it could not simplify (``min(1, s)`` terms from
   the mask arithmetic; TVM does not know ``s >= 2``) is ``match_cast`` to the shape torch
@@ -19,7 +22,7 @@ import sympy
 import torch
 
 from lowbit.backends import ModelSpec
-from lowbit.backends._export import export_program
+from lowbit.backends._export import export_program, spec_dynamic_shapes
 from lowbit.backends.tvm._emit import Emitter
 from lowbit.backends.tvm.kernels import HadamardSpec, QuantLinearSpec
 from lowbit.errors import LoweringError
@@ -70,6 +73,40 @@ def _to_prim(expr, symbols: dict):
             out = out + p if isinstance(expr, sympy.Add) else out * p
         return out
     return None
+
+
+def _dim_aliases(ep: torch.export.ExportedProgram, spec: ModelSpec) -> dict[str, str]:
+    """Symbol -> the symbol of the first input with the same ``torch.export.Dim``, for every
+    input dim that came out under a symbol of its own."""
+    first, aliases = {}, {}
+    inputs = {n.name: n for n in ep.graph.find_nodes(op="placeholder")}
+    for name, dims in zip(spec.input_names, spec_dynamic_shapes(spec) or ()):
+        shape = inputs[name].meta["val"].shape
+        for axis, dim in dims.items():
+            if not isinstance(shape[axis], torch.SymInt):
+                continue
+            expr = shape[axis].node.expr
+            if isinstance(expr, sympy.Symbol):
+                canonical = first.setdefault(dim.__name__, expr.name)
+                if expr.name != canonical:
+                    aliases[expr.name] = canonical
+    return aliases
+
+
+def _merge_aliases(main, aliases: dict[str, str]):
+    """``main`` with each alias shape var replaced by its canonical one."""
+    from tvm import tirx
+    if not aliases:
+        return main
+    shape_vars = {d.name: d for p in main.params if p.ty.shape is not None
+                  for d in p.ty.shape if isinstance(d, tirx.Var)}
+    main = main.bind_symbolic_vars({a: shape_vars[c] for a, c in aliases.items()
+                                    if a in shape_vars and c in shape_vars})
+    bounds = main.attrs.get("tir_var_lower_bound") if main.attrs else None
+    if bounds is not None:
+        main = main.with_attr("tir_var_lower_bound",
+                              {k: v for k, v in bounds.items() if k not in aliases})
+    return main
 
 
 def _sym(value) -> sympy.Expr:
@@ -220,7 +257,7 @@ def import_graph(gm: torch.fx.GraphModule, spec: ModelSpec, cpu: bool):
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                 custom_convert_map=converters.table())
     by_arg = {s.arg.name: s.target for s in ep.graph_signature.input_specs}
-    main = mod["main"]
+    main = _merge_aliases(mod["main"], _dim_aliases(ep, spec))
     n_inputs = int(main.attrs["num_input"])
     state = ep.state_dict
     params = [state[by_arg[v.name]] for v in main.params[n_inputs:]]

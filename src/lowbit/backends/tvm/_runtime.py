@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.backends import ModelSpec
+from lowbit.compiler.kv_cache import KVCacheSpec
 
 __all__ = ["TvmExecutable", "LIBRARY", "PARAMS", "META"]
 
@@ -116,7 +117,9 @@ def load(directory: Path, manifest: Mapping, backend: str) -> TvmExecutable:
     state = load_file(str(directory / PARAMS))
     params = [state[f"p{i:05d}"] for i in range(meta["params"])]
     m = manifest["model"]
-    spec = ModelSpec(kind=m["kind"], input_names=tuple(m["input_names"]))
+    spec = ModelSpec(kind=m["kind"], input_names=tuple(m.get("graph_inputs") or m["input_names"]),
+                     output_names=tuple(m.get("graph_outputs") or ()),
+                     cache=KVCacheSpec.from_dict(m.get("cache")))
     library = tvm.runtime.load_module(str(directory / LIBRARY))
     return TvmExecutable(library, params, spec, meta["target"], backend, meta.get("threads", 0),
                          library_path=directory / LIBRARY)
