@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.testing import assert_numerically_equal, random_ids, tiny_llama
+from lowbit.testing import assert_numerically_equal, incremental_logits, random_ids, tiny_llama
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -49,15 +49,6 @@ def saved(fp32, tmp_path_factory):
     return fp32.save(tmp_path_factory.mktemp("kv") / "artifact")
 
 
-def _incremental(cm, ids, splits=(8, 9, 12)):
-    past, chunks, start = cm.cache.empty(ids.shape[0]), [], 0
-    for stop in splits:
-        logits, *present = cm.executable({"input_ids": ids[:, start:stop], **past})
-        chunks.append(logits)
-        past, start = dict(zip(cm.cache.input_names, present)), stop
-    return torch.cat(chunks, dim=1)
-
-
 def test_onnx_graph_has_cache_inputs_and_outputs_with_a_dynamic_past(saved, fp32):
     graph = onnx.load(str(saved / "model.onnx"), load_external_data=False).graph
     cache = fp32.cache
@@ -75,7 +66,7 @@ def test_incremental_decode_equals_the_full_sequence_on_ort(name, request, model
     cm = request.getfixturevalue(name)
     ids = random_ids(2, 12, seed=9)
     full = cm(ids)
-    assert_numerically_equal(_incremental(cm, ids), full, rtol=1e-5,
+    assert_numerically_equal(incremental_logits(cm.executable, cm.cache, ids), full, rtol=1e-5,
                              what=f"{name} ORT incremental logits")
     if name == "fp32":
         assert_numerically_equal(full, model(input_ids=ids).logits.detach(), rtol=1e-5)

@@ -15,7 +15,7 @@ import torch
 import lowbit
 from lowbit.backends.tvm import LLVM_BACKEND
 from lowbit.compiler.instruments import max_relative_error
-from lowbit.testing import assert_numerically_equal, random_ids, tiny_llama
+from lowbit.testing import assert_numerically_equal, incremental_logits, random_ids, tiny_llama
 
 pytest.importorskip("tvm")
 
@@ -70,23 +70,14 @@ cache_form = pytest.mark.xfail(not LLVM_BACKEND.kv_cache, strict=True,
                                reason="tvm-llvm does not lower the KV-cache form yet")
 
 
-def _incremental(cm, ids, splits):
-    """Logits of ``ids`` fed in chunks ending at ``splits``, each step given the last cache."""
-    past, chunks, start = cm.cache.empty(ids.shape[0]), [], 0
-    for stop in splits:
-        logits, *present = cm.executable({"input_ids": ids[:, start:stop], **past})
-        chunks.append(logits)
-        past, start = dict(zip(cm.cache.input_names, present)), stop
-    return torch.cat(chunks, dim=1)
-
-
 @cache_form
 def test_llvm_kv_cache_decode_equals_the_full_sequence(compiled):
     """Prefill from an empty cache (past = 0), then a chunk and single-token decode steps."""
     cm = compiled("w4a16-rtn", kv_cache=True)
     assert cm.cache is not None
     ids = random_ids(2, 12, seed=9)
-    assert_numerically_equal(_incremental(cm, ids, (7, 9, 10, 11, 12)), cm(ids), rtol=TOL,
+    chunked = incremental_logits(cm.executable, cm.cache, ids, (7, 9, 10, 11, 12))
+    assert_numerically_equal(chunked, cm(ids), rtol=TOL,
                              what="tvm-llvm incremental logits")
 
 

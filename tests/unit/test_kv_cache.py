@@ -7,20 +7,11 @@ import torch
 import lowbit
 from lowbit.compiler.capture import capture
 from lowbit.compiler.kv_cache import KVCacheSpec
-from lowbit.testing import TINY_MODELS, assert_numerically_equal, random_ids, tiny_llama
+from lowbit.testing import (TINY_MODELS, assert_numerically_equal, incremental_logits,
+                            random_ids, tiny_llama)
 
 # prefill 8 tokens, then one token (decode), then three (a chunk on top of a cache)
 SPLITS = (8, 9, 12)
-
-
-def incremental_logits(run, cache: KVCacheSpec, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of ``ids`` computed chunk by chunk (``SPLITS``), feeding back the cache."""
-    past, chunks, start = cache.empty(ids.shape[0]), [], 0
-    for stop in SPLITS:
-        logits, *present = run({"input_ids": ids[:, start:stop], **past})
-        chunks.append(logits)
-        past, start = dict(zip(cache.input_names, present)), stop
-    return torch.cat(chunks, dim=1)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "opt", "gpt2"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llama", "tiny_qwen2", "tiny_opt", "tiny_gpt2", "tiny_bert", "TINY_MODELS",
+__all__ = ["incremental_logits", "tiny_llama", "tiny_qwen2", "tiny_opt", "tiny_gpt2", "tiny_bert", "TINY_MODELS",
            "assert_numerically_equal", "random_ids", "export_onnx"]
 
 
@@ -109,3 +109,15 @@ def export_onnx(model, path, max_seq: int = 512):
                                  optimize=True, verbose=False)
     prog.save(str(path))
     return path
+
+
+def incremental_logits(run, cache, ids: torch.Tensor, splits=(8, 9, 12)) -> torch.Tensor:
+    """Logits of ``ids`` fed to ``run`` (an executable taking an input dict) in chunks ending at
+    ``splits``, each step given the cache the step before returned (``cache``: a
+    ``KVCacheSpec``). The default: prefill 8, decode 1, then a chunk of 3 on top of a cache."""
+    past, chunks, start = cache.empty(ids.shape[0]), [], 0
+    for stop in splits:
+        logits, *present = run({"input_ids": ids[:, start:stop], **past})
+        chunks.append(logits)
+        past, start = dict(zip(cache.input_names, present)), stop
+    return torch.cat(chunks, dim=1)
