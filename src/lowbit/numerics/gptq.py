@@ -36,7 +36,7 @@ from lowbit.numerics.quant import (QuantizedWeight, dequantize_weight, fake_quan
                                    grid_params, group_layout, quantize_weight)
 
 __all__ = ["hessian_from_inputs", "output_error", "search_clip", "gptq_quantize",
-           "DEFAULT_CLIP_RATIOS"]
+           "float_target", "DEFAULT_CLIP_RATIOS"]
 
 #: GPTQ's working precision. float32 as in the reference implementations: with the damping
 #: the Cholesky factors are well conditioned, and it is ~3x faster than float64 here.
@@ -63,6 +63,36 @@ def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     """
     e = (w.to(h.dtype) - q.to(h.dtype))
     return float(((e @ h) * e).sum())
+
+
+def float_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float = 0.01
+                 ) -> torch.Tensor:
+    """The weight whose outputs on the layer's actual inputs best match the float model's.
+
+    With ``X~`` the inputs the layer sees after earlier layers were quantized and ``X`` those
+    of the float model, ``H = 2 X~^T X~ / n`` and ``C = 2 X^T X~ / n``, the error GPTQ should
+    shrink is ``|X~ Q^T - X W^T|^2``, not ``|X~ (Q - W)^T|^2``. It splits exactly into
+    ``|X~ (Q - W*)^T|^2`` plus a constant, with ``W*`` the least-squares solution; so GPTQ of
+    ``W*`` with ``H`` minimises the true error (asymmetric calibration, as in GPTAQ). ``W*``
+    is ridge-regularised towards ``W`` with GPTQ's damping ``lambda = damp * mean(diag H)``:
+
+        W* = W + W (C - H) (H + lambda I)^-1          (W* = W when X~ = X)
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(512, 8, dtype=torch.float64)
+        >>> xq = x + 0.1 * torch.randn(512, 8, dtype=torch.float64)
+        >>> w = torch.randn(4, 8, dtype=torch.float64)
+        >>> h, c = 2 * xq.T @ xq / 512, 2 * x.T @ xq / 512
+        >>> ws = float_target(w, h, c, damp=1e-9)
+        >>> bool((xq @ ws.T - x @ w.T).norm() < (xq @ w.T - x @ w.T).norm())
+        True
+    """
+    w, h, c = w.to(torch.float64), h.to(torch.float64), c.to(torch.float64)
+    lam = damp * torch.diag(h).mean()
+    hd = h + lam * torch.eye(h.shape[0], dtype=h.dtype)
+    delta = w @ (c - h)                                     # [N, K]
+    return w + torch.linalg.solve(hd, delta.T).T            # H symmetric
 
 
 def _group_blocks(h: torch.Tensor, group: int, n_groups: int) -> torch.Tensor:

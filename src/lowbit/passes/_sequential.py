@@ -5,6 +5,12 @@ read one value: q/k/v, gate/up, o, down), so each stage's Hessian ``H = 2 X^T X 
 from inputs produced by the *already quantized* layers before it, and memory holds one
 stage's live activations per batch, never the whole model's. Each quantized weight is written
 back (dequantized) into the graph, so later stages see the quantization error.
+
+With ``float_target`` (an option of the quantizer) a second run over the same batches keeps
+the float model's inputs of each stage (the stages it passes run with their original weights),
+and each stage's weight is first moved to the least-squares fit of the float outputs on the
+quantized inputs (:func:`lowbit.numerics.gptq.float_target`), so a layer also corrects the
+error the layers before it left.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.compiler.passes import PassResult
-from lowbit.numerics.gptq import output_error
+from lowbit.numerics.gptq import float_target, output_error
 from lowbit.numerics.quant import QuantizedWeight, dequantize_weight, quantize_weight
 from lowbit.passes.patterns import select_linears
 
@@ -52,6 +58,19 @@ def stage_hessian(values: list[torch.Tensor]) -> torch.Tensor:
     return total.to(torch.float64) / max(count, 1)
 
 
+def stage_cross(floats: list[torch.Tensor], quantized: list[torch.Tensor]) -> torch.Tensor:
+    """``2 X^T X~ / n`` of float-model inputs ``X`` and quantized-model inputs ``X~``
+    (computed as :func:`stage_hessian` is, so it equals ``H`` bit for bit when ``X = X~``)."""
+    total, count = None, 0
+    for xf, xq in zip(floats, quantized):
+        a, b = xf.reshape(-1, xf.shape[-1]), xq.reshape(-1, xq.shape[-1])
+        if total is None:
+            total = torch.zeros(a.shape[1], b.shape[1], dtype=a.dtype)
+        total.addmm_(a.T, b, alpha=2.0)
+        count += a.shape[0]
+    return total.to(torch.float64) / max(count, 1)
+
+
 def _split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
     """Row blocks of a quantized weight (the layers of a stage quantized together)."""
     out, start = [], 0
@@ -74,10 +93,24 @@ def quantize_sequentially(graph, ctx, name: str, quantize: Quantizer) -> PassRes
     assignment = ctx.analysis.get("bit_assignment", {})
     quantized = ctx.analysis.setdefault("quantized_weights", {})
     run = graph.staged(ctx.calibration[: o.max_batches])
-    gain = {}
+    fit_float = getattr(o, "float_target", False)
+    float_run = graph.staged(ctx.calibration[: o.max_batches]) if fit_float else None
+    original: dict = {}          # site -> float weight, for stages the float run has not passed
+    gain, shift = {}, {}
     groups = stages(graph, sites)
     for node, group in tqdm(groups.items(), desc=name, disable=not ctx.progress, leave=False):
-        h = stage_hessian(run.advance(node))
+        xs = run.advance(node)
+        h = stage_hessian(xs)
+        c = None
+        if float_run is not None:
+            done = {site: graph.linear_weight(site) for site in original}
+            for site, w in original.items():
+                graph.set_linear_weight(site, w)
+            c = stage_cross(float_run.advance(node), xs)
+            for site, w in done.items():
+                graph.set_linear_weight(site, w)
+            original.clear()
+        del xs
         # layers reading one value share H: those on one grid are quantized as one matrix
         # (GPTQ and the clipping search are row-independent given H), saving loop overhead
         by_format: dict = {}
@@ -87,6 +120,10 @@ def quantize_sequentially(graph, ctx, name: str, quantize: Quantizer) -> PassRes
         for (bits, group_size), same in by_format.items():
             weights = [graph.linear_weight(site) for site in same]
             w64 = torch.cat(weights).to(torch.float64)
+            if c is not None:
+                target = float_target(w64, h, c, getattr(o, "damp", 0.01))
+                shift[node] = round(float((target - w64).norm() / w64.norm()), 5)
+                w64 = target
             parts = _split_rows(quantize(w64, h, bits, group_size),
                                 [w.shape[0] for w in weights])
             h32 = h.to(torch.float32)
@@ -97,5 +134,9 @@ def quantize_sequentially(graph, ctx, name: str, quantize: Quantizer) -> PassRes
                                         / max(output_error(w, rtn, h32), 1e-30), 4)
                 graph.set_linear_weight(site, deq.to(w.dtype))
                 quantized[site.node] = qw
-    return PassResult(transformed=tuple(gain), skipped=tuple(skipped),
-                      metrics={"output_error_vs_rtn": gain, "stages": len(groups)})
+                if float_run is not None:
+                    original[site] = w
+    metrics = {"output_error_vs_rtn": gain, "stages": len(groups)}
+    if fit_float:
+        metrics["float_target_shift"] = shift      # |W* - W| / |W| per stage
+    return PassResult(transformed=tuple(gain), skipped=tuple(skipped), metrics=metrics)

@@ -24,6 +24,8 @@ class GptqOptions(WeightQuantOptions):
     block_size: int = 128           # columns per lazy batch update
     clip_search: bool = True        # pick each group's range by Hessian-weighted error
     max_batches: int = 32           # calibration batches used
+    float_target: bool = False      # fit the float model's outputs, not the layer's own
+                                    # (asymmetric calibration, numerics.gptq.float_target)
 
     def __post_init__(self):
         super().__post_init__()
