@@ -99,7 +99,7 @@ def test_gptq_float_target_beats_plain_gptq_on_output_sqnr(capture_tiny, run_pas
                         CALIB_BIG)
     shift = ctx.records[0].metrics["float_target_shift"]
     assert min(shift.values()) == 0.0            # the first stage sees float inputs
-    # dB; measured: llama 20.78 -> 21.25, opt 15.9 -> 16.6 (3-bit, held-out VERIFY)
+    # dB; measured: llama 20.78 -> 21.25, opt 16.34 -> 18.53 (3-bit, held-out VERIFY)
     assert fitted > plain + 0.3, (plain, fitted)
 
 
