@@ -59,7 +59,8 @@ def test_gptq_and_clip_beat_rtn_on_output_sqnr(capture_tiny, run_passes, arch):
     _, rtn = _sqnr(run_passes, graph.copy(), [{"rtn": W4}, "pack"], CALIB_BIG)
     _, clip = _sqnr(run_passes, graph.copy(), [{"clip": W4}, "pack"], CALIB_BIG)
     _, gptq = _sqnr(run_passes, graph, [{"gptq": W4}, "pack"], CALIB_BIG)
-    assert clip > rtn and gptq > rtn + 1.0   # dB; measured on llama: 24.1 / 24.8 / 27.7
+    # dB, held-out VERIFY; measured: llama 23.04 / 24.67 / 25.59, opt 19.99 / 21.17 / 22.79
+    assert clip > rtn and gptq > rtn + 1.0
 
 
 def test_gptq_writes_back_what_it_packs(capture_tiny, run_passes):

@@ -48,19 +48,12 @@ def stage_hessian(values: list[torch.Tensor]) -> torch.Tensor:
     float64 copies (float32 sums of 16k rows keep ~1e-6 relative error, far below GPTQ's
     damping).
     """
-    total, count = None, 0
-    for x in values:
-        flat = x.reshape(-1, x.shape[-1])
-        if total is None:
-            total = torch.zeros(flat.shape[1], flat.shape[1], dtype=flat.dtype)
-        total.addmm_(flat.T, flat, alpha=2.0)
-        count += flat.shape[0]
-    return total.to(torch.float64) / max(count, 1)
+    return stage_cross(values, values)
 
 
 def stage_cross(floats: list[torch.Tensor], quantized: list[torch.Tensor]) -> torch.Tensor:
-    """``2 X^T X~ / n`` of float-model inputs ``X`` and quantized-model inputs ``X~``
-    (computed as :func:`stage_hessian` is, so it equals ``H`` bit for bit when ``X = X~``)."""
+    """``2 X^T X~ / n`` of float-model inputs ``X`` and quantized-model inputs ``X~`` (float64;
+    :func:`stage_hessian` is the case ``X = X~``, so the two agree bit for bit then)."""
     total, count = None, 0
     for xf, xq in zip(floats, quantized):
         a, b = xf.reshape(-1, xf.shape[-1]), xq.reshape(-1, xq.shape[-1])

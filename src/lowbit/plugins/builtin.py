@@ -29,7 +29,7 @@ def lowbit_backends():
 
 _W4 = {"bits": 4, "group_size": 128, "symmetric": False}
 #: after a rotation, GPTQ in natural column order (groups fitted to the updated weights)
-#: measured better than act-order with static groups: (docs/results.md)
+#: measured better than act-order with static groups: 28.091 against 28.411 (docs/results.md)
 _GPTQ = {**_W4, "act_order": False}
 
 

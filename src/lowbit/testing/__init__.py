@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["incremental_logits", "tiny_llama", "tiny_qwen2", "tiny_opt", "tiny_gpt2", "tiny_bert", "TINY_MODELS",
-           "assert_numerically_equal", "random_ids", "export_onnx"]
+__all__ = ["incremental_logits", "tiny_llama", "tiny_qwen2", "tiny_opt", "tiny_gpt2",
+           "tiny_bert", "TINY_MODELS", "assert_numerically_equal", "random_ids", "export_onnx"]
 
 
 def _seeded(fn):
