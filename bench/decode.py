@@ -13,8 +13,8 @@ on a 128-token cache, tokens/s of that decode, decode on 512- and 1024-token cac
 mean share of tokens generated before the first difference).
 
 Timing (PROTOCOL): 2 threads, median of ``--runs`` (>= 5) after 2 warm-ups. All variants are
-kept loaded and timed round-robin (one call of each per round), so a load change on a
-shared machine hits every row alike and the ratios of one run compare.
+kept loaded and timed round-robin (one untimed then one timed call of each per round), so a
+load change on a shared machine hits every row alike and the ratios of one run compare.
 
     .venv/bin/python bench/decode.py                                   # everything
     .venv/bin/python bench/decode.py --presets w4a16-rtn --windows 8   # quick look
@@ -87,19 +87,24 @@ def ort_rtn(fp32: CompiledModel, directory: Path) -> CompiledModel:
     return _with_onnx(fp32, directory, edit, "onnxruntime MatMulNBitsQuantizer")
 
 
-def recipe_of(variant: str) -> tuple[str, dict]:
-    """``"w4a16+head"``: the preset with ``include_head=True`` on its weight quantizer(s)."""
-    from lowbit.compiler.recipe import load_recipe
+def recipe_of(variant: str):
+    """``"w4a16+head+embed"``: the preset with ``include_head=True`` on its weight quantizer(s)
+    (``+head``) and the ``embed_quant`` pass (int8 embedding rows) appended (``+embed``)."""
+    from lowbit.compiler.recipe import PassSpec, Recipe, load_recipe
     from lowbit.plugins.manager import get_registry
-    preset, _, extra = variant.partition("+")
-    if not extra:
-        return preset, {}
-    if extra != "head":
-        raise SystemExit(f"unknown variant suffix '+{extra}' (known: +head)")
+    preset, *extras = variant.split("+")
+    unknown = set(extras) - {"head", "embed"}
+    if unknown:
+        raise SystemExit(f"unknown variant suffix(es) {sorted(unknown)} (known: +head, +embed)")
     reg = get_registry()
-    names = [p.name for p in load_recipe(preset, reg.presets).passes]
-    return preset, {n: {"include_head": True} for n in names
-                    if "include_head" in reg.passes[n].option_names()}
+    passes = []
+    for spec in load_recipe(preset, reg.presets).passes:
+        if "head" in extras and "include_head" in reg.passes[spec.name].option_names():
+            spec = PassSpec(spec.name, {**spec.options, "include_head": True})
+        passes.append(spec)
+    if "embed" in extras:
+        passes.append(PassSpec("embed_quant"))
+    return Recipe(variant, tuple(passes), f"bench variant of '{preset}'")
 
 
 def onnx_bytes(cm: CompiledModel) -> int:
@@ -132,6 +137,10 @@ class Timer:
         times: dict = {k: [] for k in self.probes}
         for r in range(warmup + runs):
             for key, probe in self.probes.items():
+                # one untimed call first: ONNX Runtime's worker threads spin for a while after
+                # a run, and the previous variant's spinning workers would otherwise share the
+                # two cores with this call (measured: 40 ms instead of 21 with 3 sessions)
+                probe()
                 t0 = time.perf_counter()
                 probe()
                 if r >= warmup:
@@ -156,7 +165,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--presets", default="w8a8,w4a16-rtn,w4a16,w4a16+head",
-                    help="presets; PRESET+head also quantizes the output head")
+                    help="presets; PRESET+head also quantizes the output head, "
+                         "PRESET+embed the embedding table (int8 rows)")
     ap.add_argument("--levels", default="0,4", help="MatMulNBits accuracy levels (4-bit)")
     ap.add_argument("--windows", type=int, default=64, help="perplexity windows (0: skip)")
     ap.add_argument("--contexts", default="128,512,1024")
@@ -191,9 +201,8 @@ def main() -> None:
     for preset in filter(None, a.presets.split(",")):
         _log(f"compiling {preset}")
         t0 = time.perf_counter()
-        recipe, overrides = recipe_of(preset)
-        cm = lowbit.compile(a.model, recipe=recipe, target="onnxruntime",
-                            backend_options=opts, progress=False, recipe_options=overrides)
+        cm = lowbit.compile(a.model, recipe=recipe_of(preset), target="onnxruntime",
+                            backend_options=opts, progress=False)
         _log(f"compiled {preset} in {time.perf_counter() - t0:.0f} s")
         if a.save:
             cm.save(Path(a.save) / preset, overwrite=True)

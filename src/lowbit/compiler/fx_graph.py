@@ -188,6 +188,33 @@ class FxGraph:
         self._index()
         return new.name
 
+    def replace_embedding_table(self, node: str, codes: torch.Tensor, scales: torch.Tensor,
+                                created_by: str) -> str:
+        """Make the lookup ``node`` read integer ``codes`` ``[V, H]`` times per-row ``scales``
+        ``[V, 1]``: ``embedding(codes, ids).float() * embedding(scales, ids)``, standard ops
+        every backend lowers (a gather of the codes, a gather of the scales, a multiply).
+        Returns the name of the node that now carries the embedding."""
+        n = self.node(node)
+        old_table, ids = n.args[0], n.args[1]
+        graph = self.gm.graph
+        with graph.inserting_before(n):
+            q = graph.get_attr(self._new_constant(f"{node}_codes", codes))
+            s = graph.get_attr(self._new_constant(f"{node}_scales", scales))
+            eq = graph.call_function(_aten.embedding.default, (q, ids))
+            ef = graph.call_function(_aten._to_copy.default, (eq,), {"dtype": torch.float32})
+            es = graph.call_function(_aten.embedding.default, (s, ids))
+            out = graph.call_function(_aten.mul.Tensor, (ef, es))
+        for new in (q, s, eq, ef, es, out):
+            new.meta["lowbit_created_by"] = created_by
+        if "val" in n.meta:
+            out.meta["val"] = n.meta["val"]
+        n.replace_all_uses_with(out)
+        graph.erase_node(n)
+        self._drop_if_unused([old_table] if isinstance(old_table, fx.Node) else [])
+        self._dirty = True
+        self._index()
+        return out.name
+
     def norm_args(self, node: str) -> dict:
         """``{"width", "weight", "bias", "eps"}`` of a ``layer_norm``/``native_layer_norm``/
         ``rms_norm`` node: ``width`` the normalised size if it is one dimension, ``weight``

@@ -167,7 +167,8 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
         "layers": _layer_table(captured.graph),
         "passes": [_record_dict(r) for r in ctx.records],
         "generation": _generation_config(captured),
-        "figures": figures, "versions": _versions(),
+        "figures": figures, "lowering": getattr(executable, "lowering", None),
+        "versions": _versions(),
         "plugins": registry.plugins,
     }
     return CompiledModel(executable, manifest, captured.tokenizer)

@@ -11,6 +11,7 @@ def lowbit_passes():
     from lowbit.passes.awq import awq
     from lowbit.passes.calibrate import calibrate
     from lowbit.passes.clip import clip
+    from lowbit.passes.embed_quant import embed_quant
     from lowbit.passes.gptq import gptq
     from lowbit.passes.mixed import mixed
     from lowbit.passes.ocs import ocs
@@ -18,7 +19,8 @@ def lowbit_passes():
     from lowbit.passes.rotate import rotate
     from lowbit.passes.rtn import rtn
     from lowbit.passes.smooth import smooth
-    return [calibrate, rtn, clip, gptq, awq, smooth, rotate, ocs, mixed, act_quant, act_clip, pack]
+    return [calibrate, rtn, clip, gptq, awq, smooth, rotate, ocs, mixed, act_quant, act_clip, pack,
+            embed_quant]
 
 
 @hookimpl
