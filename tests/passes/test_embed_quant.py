@@ -73,3 +73,10 @@ def test_onnxruntime_lowering_is_exact_and_smaller(model):
     graph = onnx.load(str(small.executable.path)).graph
     int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
     assert any(n.op_type == "Gather" and n.input[0] in int8 for n in graph.node)
+
+
+def test_tvm_llvm_lowering_agrees_with_torch(model):
+    pytest.importorskip("tvm")
+    cm = lowbit.compile(model, recipe={"passes": [HEAD4, "pack", "embed_quant"]},
+                        target="llvm", progress=False)
+    assert cm.figures["backend_max_rel_error_vs_torch"] < 1e-5
