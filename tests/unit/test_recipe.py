@@ -122,7 +122,7 @@ def test_broken_or_missing_recipe_files(tmp_path, registry):
     ("w8a8", 8, None, True, ["rotate", "rtn", "act_quant", "pack"]),
     ("w8a8-rtn", 8, None, True, ["rtn", "act_quant", "pack"]),
     ("w4a8", 4, 128, False, ["rotate", "gptq", "act_quant", "pack"]),
-    ("w4a4", 4, 128, False, ["rotate", "gptq", "act_quant", "act_clip", "pack"]),
+    ("w4a4", 4, 64, False, ["rotate", "gptq", "act_quant", "act_clip", "pack"]),
     ("w4a16-rtn", 4, 128, False, ["rtn", "pack"]),
     ("w4a16", 4, 128, False, ["rotate", "gptq", "pack"]),
     ("w3a16", 3, 128, False, ["rotate", "gptq", "pack"]),
