@@ -29,7 +29,7 @@ import torch
 
 from lowbit.backends import BackendInfo, ModelSpec
 from lowbit.backends._export import spec_dynamic_shapes
-from lowbit.compiler.kv_cache import KVCacheSpec
+from lowbit.compiler.kv_cache import KVCacheSpec, run_in_chunks
 from lowbit.errors import LoweringError, UsageError
 
 __all__ = ["OrtExecutable", "BACKEND", "optimized_op_types", "export_onnx"]
@@ -274,13 +274,8 @@ def _check_gqa_step(inputs: Mapping[str, torch.Tensor], spec: ModelSpec) -> None
 
 def _probe(run, spec: ModelSpec) -> list[torch.Tensor]:
     """Logits and cache of a prefill of 8 tokens, one decode step, then a chunk of 3."""
-    ids = torch.arange(12).reshape(1, 12) * 7 % 97 + 1
-    past, outs, start = spec.cache.empty(1), [], 0
-    for stop in (8, 9, 12):
-        logits, *present = run({"input_ids": ids[:, start:stop], **past})
-        outs.append(logits)
-        past, start = dict(zip(spec.cache.input_names, present)), stop
-    return outs + list(past.values())
+    chunks, past = run_in_chunks(run, spec.cache, torch.arange(12).reshape(1, 12) * 7 % 97 + 1)
+    return chunks + list(past.values())
 
 
 def _set_accuracy_level(model, level: int) -> None:

@@ -20,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["KVCacheSpec", "SEQ_AXIS"]
+__all__ = ["KVCacheSpec", "SEQ_AXIS", "run_in_chunks"]
 
 #: The sequence axis of every cache tensor (``[batch, heads, seq, head_dim]``).
 SEQ_AXIS = 2
@@ -66,3 +66,15 @@ class KVCacheSpec:
             return None
         return cls(shapes=tuple(tuple(int(x) for x in s) for s in d["shapes"]),
                    dtype=d.get("dtype", "float32"))
+
+
+def run_in_chunks(run, cache: KVCacheSpec, ids: torch.Tensor, splits=(8, 9, 12)):
+    """``(logits of each chunk, final cache)`` of ``ids`` fed to ``run`` (an executable taking
+    an input dict) in chunks ending at ``splits``, each step given the cache the step before
+    returned. The default: prefill 8, decode 1, then a chunk of 3 on top of a cache."""
+    past, chunks, start = cache.empty(ids.shape[0]), [], 0
+    for stop in splits:
+        logits, *present = run({"input_ids": ids[:, start:stop], **past})
+        chunks.append(logits)
+        past, start = dict(zip(cache.input_names, present)), stop
+    return chunks, past

@@ -115,9 +115,5 @@ def incremental_logits(run, cache, ids: torch.Tensor, splits=(8, 9, 12)) -> torc
     """Logits of ``ids`` fed to ``run`` (an executable taking an input dict) in chunks ending at
     ``splits``, each step given the cache the step before returned (``cache``: a
     ``KVCacheSpec``). The default: prefill 8, decode 1, then a chunk of 3 on top of a cache."""
-    past, chunks, start = cache.empty(ids.shape[0]), [], 0
-    for stop in splits:
-        logits, *present = run({"input_ids": ids[:, start:stop], **past})
-        chunks.append(logits)
-        past, start = dict(zip(cache.input_names, present)), stop
-    return torch.cat(chunks, dim=1)
+    from lowbit.compiler.kv_cache import run_in_chunks
+    return torch.cat(run_in_chunks(run, cache, ids, splits)[0], dim=1)
