@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.backends.tvm import LLVM_BACKEND
 from lowbit.compiler.instruments import max_relative_error
 from lowbit.testing import assert_numerically_equal, incremental_logits, random_ids, tiny_llama
 
@@ -65,23 +64,18 @@ def test_llvm_artifact_loads_without_recompiling(compiled, tmp_path):
     assert torch.equal(loaded(ids), cm(ids))
 
 
-# the cache form imports (one shape var for the past length) but its build is unverified
-cache_form = pytest.mark.xfail(not LLVM_BACKEND.kv_cache, strict=True,
-                               reason="tvm-llvm does not lower the KV-cache form yet")
-
-
-@cache_form
 def test_llvm_kv_cache_decode_equals_the_full_sequence(compiled):
     """Prefill from an empty cache (past = 0), then a chunk and single-token decode steps."""
     cm = compiled("w4a16-rtn", kv_cache=True)
     assert cm.cache is not None
+    # TVM 0.27's FuseTIR fails on the cache form: built unfused, and the manifest says so
+    assert cm.executable.lowering["operator_fusion"] is False
     ids = random_ids(2, 12, seed=9)
     chunked = incremental_logits(cm.executable, cm.cache, ids, (7, 9, 10, 11, 12))
     assert_numerically_equal(chunked, cm(ids), rtol=TOL,
                              what="tvm-llvm incremental logits")
 
 
-@cache_form
 def test_llvm_greedy_generation_matches_torch_reference(compiled):
     ids = random_ids(1, 6, seed=4)
     got = compiled("w4a16-rtn", kv_cache=True).generate(ids, max_new_tokens=8,
@@ -134,11 +128,11 @@ def test_cuda_library_runs_on_a_gpu(compiled):
         assert max_relative_error(ref(ids), cm(ids)) < 1e-4
 
 
-@cache_form
 def test_llvm_cache_form_artifact_loads_and_generates(compiled, tmp_path):
     cm = compiled("w4a16-rtn", kv_cache=True)
     loaded = lowbit.load(cm.save(tmp_path / "cached"))
     assert cm.cache is not None and loaded.cache == cm.cache
+    assert loaded.executable.lowering == cm.executable.lowering
     ids = random_ids(2, 9, seed=5)
     assert torch.equal(loaded.generate(ids, 4, stop_at_eos=False).ids,
                        cm.generate(ids, 4, stop_at_eos=False).ids)

@@ -47,6 +47,7 @@ class TvmExecutable:
         self._device_params = None
         self._export = None
         self._library_path = library_path
+        self.lowering: dict | None = None     # what the build did (fusion), for the manifest
 
     def can_run(self) -> bool:
         """False for a CUDA library on a machine without a CUDA device (it still saves)."""
@@ -121,5 +122,7 @@ def load(directory: Path, manifest: Mapping, backend: str) -> TvmExecutable:
                      output_names=tuple(m.get("graph_outputs") or ()),
                      cache=KVCacheSpec.from_dict(m.get("cache")))
     library = tvm.runtime.load_module(str(directory / LIBRARY))
-    return TvmExecutable(library, params, spec, meta["target"], backend, meta.get("threads", 0),
-                         library_path=directory / LIBRARY)
+    exe = TvmExecutable(library, params, spec, meta["target"], backend, meta.get("threads", 0),
+                        library_path=directory / LIBRARY)
+    exe.lowering = manifest.get("lowering")
+    return exe
