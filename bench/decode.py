@@ -15,9 +15,13 @@ mean share of tokens generated before the first difference).
 Timing (PROTOCOL): 2 threads, median of ``--runs`` (>= 5) after 2 warm-ups. All variants are
 kept loaded and timed round-robin (one untimed then one timed call of each per round), so a
 load change on a shared machine hits every row alike and the ratios of one run compare.
+``paired_ratio_p25_p50_p75``: the decode ratio to fp32 ONNX Runtime within each round (the
+two calls moments apart), as quartiles over the rounds: the spread of the ratio itself.
 
     .venv/bin/python bench/decode.py                                   # everything
     .venv/bin/python bench/decode.py --presets w4a16-rtn --windows 8   # quick look
+    .venv/bin/python bench/decode.py --presets w4a16+head+embed --levels 4 --windows 0 \
+        --prompts 0 --contexts 128 --runs 31 --load DIR  # timing only, DIR from --save
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import lowbit
@@ -133,7 +138,8 @@ class Timer:
             f = {"input_ids": ids[:, ctx:ctx + 1], **dict(zip(cache.input_names, present))}
             self.probes[(name, f"decode_{ctx}_ms")] = lambda f=f: step(f)
 
-    def run(self, runs: int, warmup: int = 2) -> dict[tuple[str, str], float]:
+    def run(self, runs: int, warmup: int = 2) -> dict[tuple[str, str], list[float]]:
+        """Milliseconds of every timed run per probe, in round order (so runs pair up)."""
         times: dict = {k: [] for k in self.probes}
         for r in range(warmup + runs):
             for key, probe in self.probes.items():
@@ -145,7 +151,7 @@ class Timer:
                 probe()
                 if r >= warmup:
                     times[key].append((time.perf_counter() - t0) * 1e3)
-        return {k: statistics.median(v) for k, v in times.items()}
+        return times
 
 
 def agreement(cm: CompiledModel, prompts: list[torch.Tensor], reference: list[torch.Tensor],
@@ -175,6 +181,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--no-ort-rtn", action="store_true", help="skip ORT's own quantizer row")
     ap.add_argument("--save", help="save each ORT artifact under this directory")
+    ap.add_argument("--load", help="load PRESET from DIR/PRESET where saved (--save) "
+                                   "instead of compiling it")
     a = ap.parse_args()
     torch.set_num_threads(THREADS)
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-decode-"))
@@ -199,11 +207,16 @@ def main() -> None:
         variants.append(("ORT MatMulNBitsQuantizer int4", "onnxruntime (accuracy_level=4)",
                          ort_rtn(fp32_ort, tmp / "ort-rtn")))
     for preset in filter(None, a.presets.split(",")):
-        _log(f"compiling {preset}")
-        t0 = time.perf_counter()
-        cm = lowbit.compile(a.model, recipe=recipe_of(preset), target="onnxruntime",
-                            backend_options=opts, progress=False)
-        _log(f"compiled {preset} in {time.perf_counter() - t0:.0f} s")
+        saved = Path(a.load) / preset if a.load else None
+        if saved is not None and (saved / "manifest.json").exists():
+            _log(f"loading {preset} from {saved}")
+            cm = lowbit.load(saved)
+        else:
+            _log(f"compiling {preset}")
+            t0 = time.perf_counter()
+            cm = lowbit.compile(a.model, recipe=recipe_of(preset), target="onnxruntime",
+                                backend_options=opts, progress=False)
+            _log(f"compiled {preset} in {time.perf_counter() - t0:.0f} s")
         if a.save:
             cm.save(Path(a.save) / preset, overwrite=True)
         if any(q["bits"] == 4 for q in cm.manifest["layers"].values()):
@@ -227,14 +240,20 @@ def main() -> None:
     timer = Timer(vocab, contexts, 512)
     for i, (_, _, cm) in enumerate(variants):
         timer.add(str(i), cm)
-    medians = timer.run(a.runs)
+    times = timer.run(a.runs)
     for i, row in enumerate(rows):
-        row.update({k: round(v, 2) for (n, k), v in medians.items() if n == str(i)})
+        row.update({k: round(statistics.median(v), 2) for (n, k), v in times.items()
+                    if n == str(i)})
         row["tokens_per_s"] = round(1e3 / row[f"decode_{contexts[0]}_ms"], 1)
-    base = next(r for r in rows if r["variant"] == "fp32" and r["backend"] == "onnxruntime")
-    for row in rows:
-        row["decode_ratio_vs_fp32_ort"] = round(
-            row[f"decode_{contexts[0]}_ms"] / base[f"decode_{contexts[0]}_ms"], 3)
+    base = next(i for i, r in enumerate(rows)
+                if r["variant"] == "fp32" and r["backend"] == "onnxruntime")
+    key = f"decode_{contexts[0]}_ms"
+    for i, row in enumerate(rows):
+        row["decode_ratio_vs_fp32_ort"] = round(row[key] / rows[base][key], 3)
+        # paired: the ratio within each round (both timed moments apart), then its quartiles
+        paired = np.array(times[(str(i), key)]) / np.array(times[(str(base), key)])
+        row["paired_ratio_p25_p50_p75"] = [round(float(q), 3)
+                                          for q in np.percentile(paired, [25, 50, 75])]
         print(json.dumps(row), flush=True)
     print()
     columns = ["variant", "backend", "ppl", "bytes", "prefill_512_ms",
