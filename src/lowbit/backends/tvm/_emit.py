@@ -1,16 +1,18 @@
 """Emit lowbit's operators into a Relax function being built (one place for both targets).
 
 CPU (llvm): ``call_tir`` of the hand-scheduled kernels in :mod:`._cpu` (marked scheduled, so
-no default schedule touches them). GPU: ``emit_te`` of the compute definitions in :mod:`._te`,
+no default schedule touches them); with ``accuracy="int8"`` the matmul of the linears it
+applies to (:attr:`QuantLinearSpec.int8_dot`) comes from :mod:`._cpu_int8`. GPU: ``emit_te`` of the compute definitions in :mod:`._te`,
 scheduled later by dlight together with the rest of the graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tvm import relax
 
-from lowbit.backends.tvm import _cpu, _te
+from lowbit.backends.tvm import _cpu, _cpu_int8, _te
 from lowbit.backends.tvm.kernels import HadamardSpec, QuantLinearSpec
 
 __all__ = ["Emitter"]
@@ -26,8 +28,8 @@ def _shape(expr) -> list:
 class Emitter:
     """Adds lowbit kernels to a Relax ``BlockBuilder``; each distinct kernel once."""
 
-    def __init__(self, cpu: bool):
-        self.cpu = cpu
+    def __init__(self, cpu: bool, accuracy: str = "float"):
+        self.cpu, self.accuracy = cpu, accuracy
         self._funcs: dict[str, relax.GlobalVar] = {}
 
     def _func(self, bb: relax.BlockBuilder, name: str, make) -> relax.GlobalVar:
@@ -65,8 +67,10 @@ class Emitter:
 
     def _quant_linear_cpu(self, bb, x2, m, qweight, scales, zero_points, bias, spec):
         prep = self._func(bb, f"lowbit_prep_{spec.name}", lambda: _cpu.prep_kernel(spec))
+        spec = dataclasses.replace(spec, accuracy=self.accuracy)
+        kernels = _cpu_int8 if spec.int8_dot else _cpu
         matmul = self._func(bb, f"lowbit_quant_linear_{spec.name}",
-                            lambda: _cpu.matmul_kernel(spec))
+                            lambda: kernels.matmul_kernel(spec))
         g, c, u = spec.n_groups, spec.codes_per_unit, spec.units_per_group
         f32 = "float32"
         prepped = bb.emit(relax.call_tir(prep, [x2], [

@@ -1,0 +1,179 @@
+"""The decode GEMV on int8 dot products (``accuracy="int8"``, x86 AVX2), in TVMScript.
+
+Same inputs as :func:`._cpu.matmul_kernel` (``xp, xs, rs`` from its ``prep``, the packed
+weight), so only the matmul kernel changes. For M <= ``GEMV_MAX_M``:
+
+1. each activation row of ``xp`` (already in the order the packed units hold their codes) is
+   quantized per weight group to int8: ``t_g = max(max|x_g|, 1e-8) / 127``,
+   ``xq = clamp(round(x / t_g), -127, 127)``
+   (:func:`lowbit.numerics.quant.quantize_activation_per_group`), with ``t_g sum xq_g``;
+2. per weight row and group, the packed bytes are split into code planes with and/shift on
+   16- or 32-byte vectors (plane ``c`` holds code ``c`` of each unit, and meets
+   ``xq[m, g, c, :]``); ``vpmaddubsw`` multiplies the unsigned codes by the signed int8
+   activations and adds pairs into int16, the planes and up to a few vectors are summed in
+   int16 (bounded: ``planes * vectors * 2 * (2**bits - 1) * 127 <= 32767``, no saturation),
+   ``vpmaddwd`` with ones widens to int32;
+3. per group ``acc += float(dot) * s_g t_g`` in float32 lanes, the zero point as
+   ``s_g z_g t_g sum xq_g``; 4 weight rows share each activation load; row blocks are split
+   into at most 16 parallel tasks, each allocating its accumulators once.
+
+M > ``GEMV_MAX_M`` (prefill) runs the float GEMM of :mod:`._cpu` unchanged.
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from lowbit.backends.tvm import _unpack
+from lowbit.backends.tvm._cpu import GEMV_MAX_M, _largest_pow2_divisor, gemm_macro
+from lowbit.backends.tvm.kernels import QuantLinearSpec
+
+__all__ = ["matmul_kernel"]
+
+_ROWS = 4           # weight rows per step
+_TASKS = 16         # most parallel tasks
+_QMAX = 127.0
+_LANES = 8          # float lanes of the activation quantization loops
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def _vector_ops(vb: int) -> tuple[str, str]:
+    """``(u8 x s8 -> s16 pair sums, s16 x s16 -> s32 pair sums)`` on ``vb``-byte vectors."""
+    if vb == 32:
+        return "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
+    return "llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"
+
+
+def _quantize_macro(spec: QuantLinearSpec):
+    """``quantize(xp, xq, ts, tz, m)``: rows of ``xp`` to int8 per group (step 1)."""
+    NG, C, U = spec.n_groups, spec.codes_per_unit, spec.units_per_group
+    VL = _LANES
+
+    lanes = T.ramp(0, 1, VL)
+
+    def vec(v):
+        return T.broadcast(T.float32(v), VL)
+
+    @T.macro
+    def quantize(xp, xq, ts, tz, m):
+        amax = T.alloc_buffer((VL,), "float32", scope="local")
+        qsum = T.alloc_buffer((VL,), "float32", scope="local")
+        for mi, g in T.grid(m, NG):
+            amax[lanes] = vec(0)
+            qsum[lanes] = vec(0)
+            for c, u0 in T.grid(C, U // VL):
+                amax[lanes] = T.max(amax[lanes], T.fabs(xp[mi, g, c, T.ramp(u0 * VL, 1, VL)]))
+            for l in range(1, VL):
+                amax[0] = T.max(amax[0], amax[l])
+            ts[mi, g] = T.max(amax[0], T.float32(1e-8)) / T.float32(_QMAX)
+            for c, u0 in T.grid(C, U // VL):
+                amax[lanes] = T.max(T.min(T.nearbyint(
+                    xp[mi, g, c, T.ramp(u0 * VL, 1, VL)] / T.broadcast(ts[mi, g], VL)),
+                    vec(_QMAX)), vec(-_QMAX))
+                qsum[lanes] = qsum[lanes] + amax[lanes]
+                xq[mi, g, c, T.ramp(u0 * VL, 1, VL)] = T.Cast(f"int8x{VL}", amax[lanes])
+            for l in range(1, VL):
+                qsum[0] = qsum[0] + qsum[l]
+            tz[mi, g] = ts[mi, g] * qsum[0]
+    return quantize
+
+
+def matmul_kernel(spec: QuantLinearSpec):
+    """``(xp, xs, rs, qweight, scales, zero_points, bias) -> y [M, N]`` (as
+    :func:`._cpu.matmul_kernel`; ``spec.int8_dot`` must hold)."""
+    if not spec.int8_dot:
+        raise ValueError(f"{spec.name}: the int8-dot GEMV needs accuracy='int8', float "
+                         "activations, 2/4-bit codes and 16-byte multiples of packed codes "
+                         "per group")
+    N, NG, C, U = spec.out_features, spec.n_groups, spec.codes_per_unit, spec.units_per_group
+    GB, ZB, bits = spec.group_bytes, spec.zero_point_bytes, spec.bits
+    VB = 32 if GB % 32 == 0 else 16         # bytes per vector
+    L = VB // 4                              # int32 / float32 lanes of one dot vector
+    NV = GB // VB                            # vectors per code plane of a group
+    S = _largest_divisor(NV, 32767 // (C * 2 * ((1 << bits) - 1) * 127))
+    R = _largest_pow2_divisor(N, _ROWS)
+    NB = N // R
+    P = _largest_divisor(NB, _TASKS)
+    mask = (1 << bits) - 1
+    ubsw, wd = _vector_ops(VB)
+    has_zp, has_bias = spec.has_zero_points, spec.has_bias
+    zp_shape = (N, ZB) if has_zp else (1,)
+    b_shape = (N,) if has_bias else (1,)
+    gemm = gemm_macro(spec)
+    quantize = _quantize_macro(spec)
+
+    def plane(w, n, g, v, c):
+        """Code ``c`` of each of the ``VB`` packed units at vector ``v`` (uint8 x VB)."""
+        wv = w[n, g, T.ramp(v * VB, 1, VB)]
+        if c:
+            wv = T.shift_right(wv, T.broadcast(T.uint8(c * bits), VB))
+        if c < C - 1:
+            wv = wv & T.broadcast(T.uint8(mask), VB)
+        return wv
+
+    def dot(w, xq, n, mi, g, v0):
+        """int32 x L partial dot products of vectors ``v0 .. v0+S-1`` of all planes."""
+        acc = None
+        for v in range(S):
+            for c in range(C):
+                t = T.call_llvm_pure_intrin(f"int16x{VB // 2}", ubsw, plane(w, n, g, v0 + v, c),
+                                            xq[mi, g, c, T.ramp((v0 + v) * VB, 1, VB)])
+                acc = t if acc is None else acc + t
+        return T.call_llvm_pure_intrin(f"int32x{L}", wd, acc, T.broadcast(T.int16(1), VB // 2))
+
+    def zero_f(zp, n, g):
+        return T.Cast("float32", _unpack.zero_point(spec, zp, n, g))
+
+    def out(v, bias, n):
+        return v + bias[n] if has_bias else v
+
+    lanes = T.ramp(0, 1, L)
+
+    @T.prim_func(private=True, s_tir=True)
+    def matmul(xp_h: T.handle, xs_h: T.handle, rs_h: T.handle,
+               w: T.Buffer((N, NG, GB), "uint8"), s: T.Buffer((N, NG), "float32"),
+               zp: T.Buffer(zp_shape, "uint8"), bias: T.Buffer(b_shape, "float32"),
+               y_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        m = T.int64()
+        xp = T.match_buffer(xp_h, (m, NG, C, U), "float32")
+        xs = T.match_buffer(xs_h, (m, NG), "float32")   # noqa: F841 - the float path's input
+        rs = T.match_buffer(rs_h, (m,), "float32")
+        y = T.match_buffer(y_h, (m, N), "float32")
+        with T.sblock("root"):
+            if m <= GEMV_MAX_M:
+                xq = T.alloc_buffer((GEMV_MAX_M, NG, C, U), "int8")
+                ts = T.alloc_buffer((GEMV_MAX_M, NG), "float32")
+                tz = T.alloc_buffer((GEMV_MAX_M, NG), "float32")
+                quantize(xp, xq, ts, tz, m)
+                for p in T.parallel(P):
+                    accf = T.alloc_buffer((R, L), "float32", scope="local")
+                    acci = T.alloc_buffer((R, L), "int32", scope="local")
+                    zacc = T.alloc_buffer((R,), "float32", scope="local")
+                    for nb, mi in T.grid(NB // P, m):
+                        for r in T.unroll(R):
+                            zacc[r] = T.float32(0)
+                            accf[r, lanes] = T.broadcast(T.float32(0), L)
+                        for g in range(NG):
+                            for r in T.unroll(R):
+                                acci[r, lanes] = T.broadcast(T.int32(0), L)
+                            for v0 in range(NV // S):
+                                for r in T.unroll(R):
+                                    acci[r, lanes] = acci[r, lanes] + dot(
+                                        w, xq, (p * (NB // P) + nb) * R + r, mi, g, v0 * S)
+                            for r in T.unroll(R):
+                                accf[r, lanes] = accf[r, lanes] \
+                                    + T.Cast(f"float32x{L}", acci[r, lanes]) * T.broadcast(
+                                        s[(p * (NB // P) + nb) * R + r, g] * ts[mi, g], L)
+                                zacc[r] = zacc[r] + s[(p * (NB // P) + nb) * R + r, g] \
+                                    * zero_f(zp, (p * (NB // P) + nb) * R + r, g) * tz[mi, g]
+                        for r in range(R):
+                            for l in range(1, L):
+                                accf[r, 0] = accf[r, 0] + accf[r, l]
+                            y[mi, (p * (NB // P) + nb) * R + r] = out(
+                                accf[r, 0] - zacc[r], bias, (p * (NB // P) + nb) * R + r)
+            else:
+                gemm(xp, rs, w, s, zp, bias, y, m)
+    return matmul
