@@ -22,7 +22,8 @@ from tvm.script import tirx as T
 from lowbit.backends.tvm import _unpack
 from lowbit.backends.tvm.kernels import HadamardSpec, QuantLinearSpec
 
-__all__ = ["prep_kernel", "matmul_kernel", "hadamard_kernel", "GEMV_MAX_M"]
+__all__ = ["prep_kernel", "matmul_kernel", "hadamard_kernel", "prep_macro", "gemm_macro",
+           "GEMV_MAX_M"]
 
 GEMV_MAX_M = 4
 _ROWS = 4            # weight rows per GEMV step
@@ -36,8 +37,9 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return v
 
 
-def prep_kernel(spec: QuantLinearSpec):
-    """``x [M, K] -> (xp [M, G, C, U], xs [M, G], rs [M])`` (see the module doc)."""
+def prep_macro(spec: QuantLinearSpec):
+    """The body of :func:`prep_kernel` as a TIR macro ``prep(x, xp, xs, rs, m)`` (shared with
+    :mod:`._cpu_int8`)."""
     K, NG, C, U = spec.in_features, spec.n_groups, spec.codes_per_unit, spec.units_per_group
     G = spec.group_size
     act = spec.act_bits > 0
@@ -46,6 +48,37 @@ def prep_kernel(spec: QuantLinearSpec):
     def load(x, m, g, c, u):
         k = g * G + u * C + c
         return T.if_then_else(k < K, x[m, k], T.float32(0)) if padded else x[m, k]
+
+    @T.macro
+    def prep(x, xp, xs, rs, m):
+        for mi in T.parallel(m):
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((1,), "float32", scope="local")
+            amax[0] = T.float32(0)
+            if act:
+                for k in range(K):
+                    amax[0] = T.max(amax[0], T.fabs(x[mi, k]))
+                rs[mi] = _unpack.row_scale(spec, amax[0])
+            else:
+                rs[mi] = T.float32(1)
+            for g in range(NG):
+                acc[0] = T.float32(0)
+                for c in range(C):
+                    for u in range(U):
+                        if act:
+                            xp[mi, g, c, u] = _unpack.quantize_value(spec, load(x, mi, g, c, u),
+                                                                     rs[mi])
+                        else:
+                            xp[mi, g, c, u] = load(x, mi, g, c, u)
+                        acc[0] = acc[0] + xp[mi, g, c, u]
+                xs[mi, g] = acc[0]
+    return prep
+
+
+def prep_kernel(spec: QuantLinearSpec):
+    """``x [M, K] -> (xp [M, G, C, U], xs [M, G], rs [M])`` (see the module doc)."""
+    K, NG, C, U = spec.in_features, spec.n_groups, spec.codes_per_unit, spec.units_per_group
+    body = prep_macro(spec)
 
     @T.prim_func(private=True, s_tir=True)
     def prep(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):
@@ -56,27 +89,7 @@ def prep_kernel(spec: QuantLinearSpec):
         xs = T.match_buffer(xs_h, (m, NG), "float32")
         rs = T.match_buffer(rs_h, (m,), "float32")
         with T.sblock("root"):
-            for mi in T.parallel(m):
-                amax = T.alloc_buffer((1,), "float32", scope="local")
-                acc = T.alloc_buffer((1,), "float32", scope="local")
-                amax[0] = T.float32(0)
-                if act:
-                    for k in range(K):
-                        amax[0] = T.max(amax[0], T.fabs(x[mi, k]))
-                    rs[mi] = _unpack.row_scale(spec, amax[0])
-                else:
-                    rs[mi] = T.float32(1)
-                for g in range(NG):
-                    acc[0] = T.float32(0)
-                    for c in range(C):
-                        for u in range(U):
-                            if act:
-                                xp[mi, g, c, u] = _unpack.quantize_value(spec, load(x, mi, g, c, u),
-                                                                         rs[mi])
-                            else:
-                                xp[mi, g, c, u] = load(x, mi, g, c, u)
-                            acc[0] = acc[0] + xp[mi, g, c, u]
-                    xs[mi, g] = acc[0]
+            body(x, xp, xs, rs, m)
     return prep
 
 

@@ -1,12 +1,14 @@
 """The decode GEMV on int8 dot products (``accuracy="int8"``, x86 AVX2), in TVMScript.
 
-Same inputs as :func:`._cpu.matmul_kernel` (``xp, xs, rs`` from its ``prep``, the packed
-weight), so only the matmul kernel changes. For M <= ``GEMV_MAX_M``:
+One kernel per linear, ``(x [M, K], qweight, scales, zero_points, bias) -> y [M, N]``: no
+separate ``prep`` call (at SmolLM2's small shapes the per-call overhead is a large part of a
+decode GEMV). For M <= ``GEMV_MAX_M``:
 
-1. each activation row of ``xp`` (already in the order the packed units hold their codes) is
-   quantized per weight group to int8: ``t_g = max(max|x_g|, 1e-8) / 127``,
-   ``xq = clamp(round(x / t_g), -127, 127)``
-   (:func:`lowbit.numerics.quant.quantize_activation_per_group`), with ``t_g sum xq_g``;
+1. each activation row is quantized per weight group to int8, ``t_g = max(max|x_g|, 1e-8) /
+   127``, ``xq = clamp(round(x / t_g), -127, 127)``
+   (:func:`lowbit.numerics.quant.quantize_activation_per_group`), and written in the order
+   the packed units hold their codes (``xq[m, g, c, u] = x[m, g*group + u*codes_per_unit +
+   c]``, zero past K, as :func:`._cpu.prep_kernel` does for floats), with ``t_g sum xq_g``;
 2. per weight row and group, the packed bytes are split into code planes with and/shift on
    16- or 32-byte vectors (plane ``c`` holds code ``c`` of each unit, and meets
    ``xq[m, g, c, :]``); ``vpmaddubsw`` multiplies the unsigned codes by the signed int8
@@ -17,14 +19,14 @@ weight), so only the matmul kernel changes. For M <= ``GEMV_MAX_M``:
    ``s_g z_g t_g sum xq_g``; 4 weight rows share each activation load; row blocks are split
    into at most 16 parallel tasks, each allocating its accumulators once.
 
-M > ``GEMV_MAX_M`` (prefill) runs the float GEMM of :mod:`._cpu` unchanged.
+M > ``GEMV_MAX_M`` (prefill) runs the float ``prep`` and GEMM of :mod:`._cpu` unchanged.
 """
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
 from lowbit.backends.tvm import _unpack
-from lowbit.backends.tvm._cpu import GEMV_MAX_M, _largest_pow2_divisor, gemm_macro
+from lowbit.backends.tvm._cpu import GEMV_MAX_M, _largest_pow2_divisor, gemm_macro, prep_macro
 from lowbit.backends.tvm.kernels import QuantLinearSpec
 
 __all__ = ["matmul_kernel"]
@@ -47,48 +49,66 @@ def _vector_ops(vb: int) -> tuple[str, str]:
 
 
 def _quantize_macro(spec: QuantLinearSpec):
-    """``quantize(xp, xq, ts, tz, m)``: rows of ``xp`` to int8 per group (step 1)."""
-    NG, C, U = spec.n_groups, spec.codes_per_unit, spec.units_per_group
+    """``quantize(x, xq, ts, tz, amax, qsum, m)``: rows of ``x`` to int8 per group, in packed
+    order (step 1; ``amax``, ``qsum``: scratch of ``_LANES`` floats)."""
+    K, NG, C, U, G = (spec.in_features, spec.n_groups, spec.codes_per_unit,
+                      spec.units_per_group, spec.group_size)
+    full = K // G                    # groups without padding
+    tail = K - full * G              # real values of the padded last group (0: none)
+    padded = tail > 0
     VL = _LANES
-
     lanes = T.ramp(0, 1, VL)
 
     def vec(v):
         return T.broadcast(T.float32(v), VL)
 
+    def q(v, t):
+        return T.max(T.min(T.nearbyint(v / t), T.float32(_QMAX)), T.float32(-_QMAX))
+
     @T.macro
-    def quantize(xp, xq, ts, tz, m):
-        amax = T.alloc_buffer((VL,), "float32", scope="local")
-        qsum = T.alloc_buffer((VL,), "float32", scope="local")
-        for mi, g in T.grid(m, NG):
-            amax[lanes] = vec(0)
-            qsum[lanes] = vec(0)
-            for c, u0 in T.grid(C, U // VL):
-                amax[lanes] = T.max(amax[lanes], T.fabs(xp[mi, g, c, T.ramp(u0 * VL, 1, VL)]))
-            for l in range(1, VL):
-                amax[0] = T.max(amax[0], amax[l])
-            ts[mi, g] = T.max(amax[0], T.float32(1e-8)) / T.float32(_QMAX)
-            for c, u0 in T.grid(C, U // VL):
-                amax[lanes] = T.max(T.min(T.nearbyint(
-                    xp[mi, g, c, T.ramp(u0 * VL, 1, VL)] / T.broadcast(ts[mi, g], VL)),
-                    vec(_QMAX)), vec(-_QMAX))
-                qsum[lanes] = qsum[lanes] + amax[lanes]
-                xq[mi, g, c, T.ramp(u0 * VL, 1, VL)] = T.Cast(f"int8x{VL}", amax[lanes])
-            for l in range(1, VL):
-                qsum[0] = qsum[0] + qsum[l]
-            tz[mi, g] = ts[mi, g] * qsum[0]
+    def quantize(x, xq, ts, tz, amax, qsum, m):
+        for mi in range(m):
+            for g in range(full):
+                amax[lanes] = vec(0)
+                qsum[lanes] = vec(0)
+                for j in range(G // VL):
+                    amax[lanes] = T.max(amax[lanes], T.fabs(x[mi, T.ramp(g * G + j * VL, 1, VL)]))
+                for l in range(1, VL):
+                    amax[0] = T.max(amax[0], amax[l])
+                ts[mi, g] = T.max(amax[0], T.float32(1e-8)) / T.float32(_QMAX)
+                for c, u0 in T.grid(C, U // VL):
+                    amax[lanes] = q(x[mi, T.ramp(g * G + u0 * VL * C + c, C, VL)],
+                                    T.broadcast(ts[mi, g], VL))
+                    qsum[lanes] = qsum[lanes] + amax[lanes]
+                    xq[mi, g, c, T.ramp(u0 * VL, 1, VL)] = T.Cast(f"int8x{VL}", amax[lanes])
+                for l in range(1, VL):
+                    qsum[0] = qsum[0] + qsum[l]
+                tz[mi, g] = ts[mi, g] * qsum[0]
+            if padded:
+                amax[0] = T.float32(0)
+                qsum[0] = T.float32(0)
+                for j in range(tail):
+                    amax[0] = T.max(amax[0], T.fabs(x[mi, full * G + j]))
+                ts[mi, full] = T.max(amax[0], T.float32(1e-8)) / T.float32(_QMAX)
+                for c, u in T.grid(C, U):
+                    amax[0] = q(T.if_then_else(full * G + u * C + c < K,
+                                               x[mi, full * G + u * C + c], T.float32(0)),
+                                ts[mi, full])
+                    qsum[0] = qsum[0] + amax[0]
+                    xq[mi, full, c, u] = T.Cast("int8", amax[0])
+                tz[mi, full] = ts[mi, full] * qsum[0]
     return quantize
 
 
 def matmul_kernel(spec: QuantLinearSpec):
-    """``(xp, xs, rs, qweight, scales, zero_points, bias) -> y [M, N]`` (as
-    :func:`._cpu.matmul_kernel`; ``spec.int8_dot`` must hold)."""
+    """``(x, qweight, scales, zero_points, bias) -> y [M, N]`` (``spec.int8_dot`` must
+    hold; absent zero points / bias: ``(1,)`` placeholders, as for :func:`._cpu.matmul_kernel`)."""
     if not spec.int8_dot:
         raise ValueError(f"{spec.name}: the int8-dot GEMV needs accuracy='int8', float "
                          "activations, 2/4-bit codes and 16-byte multiples of packed codes "
                          "per group")
     N, NG, C, U = spec.out_features, spec.n_groups, spec.codes_per_unit, spec.units_per_group
-    GB, ZB, bits = spec.group_bytes, spec.zero_point_bytes, spec.bits
+    K, GB, ZB, bits = spec.in_features, spec.group_bytes, spec.zero_point_bytes, spec.bits
     VB = 32 if GB % 32 == 0 else 16         # bytes per vector
     L = VB // 4                              # int32 / float32 lanes of one dot vector
     NV = GB // VB                            # vectors per code plane of a group
@@ -101,7 +121,7 @@ def matmul_kernel(spec: QuantLinearSpec):
     has_zp, has_bias = spec.has_zero_points, spec.has_bias
     zp_shape = (N, ZB) if has_zp else (1,)
     b_shape = (N,) if has_bias else (1,)
-    gemm = gemm_macro(spec)
+    prep, gemm = prep_macro(spec), gemm_macro(spec)
     quantize = _quantize_macro(spec)
 
     def plane(w, n, g, v, c):
@@ -132,26 +152,38 @@ def matmul_kernel(spec: QuantLinearSpec):
     lanes = T.ramp(0, 1, L)
 
     @T.prim_func(private=True, s_tir=True)
-    def matmul(xp_h: T.handle, xs_h: T.handle, rs_h: T.handle,
-               w: T.Buffer((N, NG, GB), "uint8"), s: T.Buffer((N, NG), "float32"),
-               zp: T.Buffer(zp_shape, "uint8"), bias: T.Buffer(b_shape, "float32"),
-               y_h: T.handle):
+    def matmul(x_h: T.handle, w: T.Buffer((N, NG, GB), "uint8"),
+               s: T.Buffer((N, NG), "float32"), zp: T.Buffer(zp_shape, "uint8"),
+               bias: T.Buffer(b_shape, "float32"), y_h: T.handle):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
         m = T.int64()
-        xp = T.match_buffer(xp_h, (m, NG, C, U), "float32")
-        xs = T.match_buffer(xs_h, (m, NG), "float32")   # noqa: F841 - the float path's input
-        rs = T.match_buffer(rs_h, (m,), "float32")
+        x = T.match_buffer(x_h, (m, K), "float32")
         y = T.match_buffer(y_h, (m, N), "float32")
         with T.sblock("root"):
             if m <= GEMV_MAX_M:
                 xq = T.alloc_buffer((GEMV_MAX_M, NG, C, U), "int8")
-                ts = T.alloc_buffer((GEMV_MAX_M, NG), "float32")
-                tz = T.alloc_buffer((GEMV_MAX_M, NG), "float32")
-                quantize(xp, xq, ts, tz, m)
+                # one allocation each per call (TVM 0.27 makes every buffer a workspace
+                # allocation, even "local" ones): per-task accumulators indexed by task
+                fbuf = T.alloc_buffer((2 * GEMV_MAX_M * NG + 2 * _LANES + P * R * (L + 1),),
+                                      "float32")
+                acci_all = T.alloc_buffer((P, R, L), "int32")
+                ts = T.decl_buffer((GEMV_MAX_M, NG), "float32", data=fbuf.data)
+                tz = T.decl_buffer((GEMV_MAX_M, NG), "float32", data=fbuf.data,
+                                   elem_offset=GEMV_MAX_M * NG)
+                amax = T.decl_buffer((_LANES,), "float32", data=fbuf.data,
+                                     elem_offset=2 * GEMV_MAX_M * NG)
+                qsum = T.decl_buffer((_LANES,), "float32", data=fbuf.data,
+                                     elem_offset=2 * GEMV_MAX_M * NG + _LANES)
+                quantize(x, xq, ts, tz, amax, qsum, m)
                 for p in T.parallel(P):
-                    accf = T.alloc_buffer((R, L), "float32", scope="local")
-                    acci = T.alloc_buffer((R, L), "int32", scope="local")
-                    zacc = T.alloc_buffer((R,), "float32", scope="local")
+                    accf = T.decl_buffer((R, L), "float32", data=fbuf.data,
+                                         elem_offset=2 * GEMV_MAX_M * NG + 2 * _LANES
+                                         + p * R * (L + 1))
+                    zacc = T.decl_buffer((R,), "float32", data=fbuf.data,
+                                         elem_offset=2 * GEMV_MAX_M * NG + 2 * _LANES
+                                         + p * R * (L + 1) + R * L)
+                    acci = T.decl_buffer((R, L), "int32", data=acci_all.data,
+                                         elem_offset=p * R * L)
                     for nb, mi in T.grid(NB // P, m):
                         for r in T.unroll(R):
                             zacc[r] = T.float32(0)
@@ -175,5 +207,9 @@ def matmul_kernel(spec: QuantLinearSpec):
                             y[mi, (p * (NB // P) + nb) * R + r] = out(
                                 accf[r, 0] - zacc[r], bias, (p * (NB // P) + nb) * R + r)
             else:
+                xp = T.alloc_buffer((m, NG, C, U), "float32")
+                xs = T.alloc_buffer((m, NG), "float32")
+                rs = T.alloc_buffer((m,), "float32")
+                prep(x, xp, xs, rs, m)
                 gemm(xp, rs, w, s, zp, bias, y, m)
     return matmul

@@ -66,23 +66,26 @@ class Emitter:
                           primfunc_name_hint=f"lowbit_quant_linear_{spec.name}")
 
     def _quant_linear_cpu(self, bb, x2, m, qweight, scales, zero_points, bias, spec):
+        # absent zero points / bias: the kernels still take a (1,)-shaped placeholder
+        zp = zero_points if zero_points is not None else relax.const(
+            _zeros((1,), "uint8"))
+        b = bias if bias is not None else relax.const(_zeros((1,), "float32"))
+        out = relax.TensorType([m, spec.out_features], "float32")
+        int8 = dataclasses.replace(spec, accuracy=self.accuracy)
+        if int8.int8_dot:       # one kernel: it quantizes x itself
+            matmul = self._func(bb, f"lowbit_quant_linear_{int8.name}",
+                                lambda: _cpu_int8.matmul_kernel(int8))
+            return bb.emit(relax.call_tir(matmul, [x2, qweight, scales, zp, b], out))
         prep = self._func(bb, f"lowbit_prep_{spec.name}", lambda: _cpu.prep_kernel(spec))
-        spec = dataclasses.replace(spec, accuracy=self.accuracy)
-        kernels = _cpu_int8 if spec.int8_dot else _cpu
         matmul = self._func(bb, f"lowbit_quant_linear_{spec.name}",
-                            lambda: kernels.matmul_kernel(spec))
+                            lambda: _cpu.matmul_kernel(spec))
         g, c, u = spec.n_groups, spec.codes_per_unit, spec.units_per_group
         f32 = "float32"
         prepped = bb.emit(relax.call_tir(prep, [x2], [
             relax.TensorType([m, g, c, u], f32), relax.TensorType([m, g], f32),
             relax.TensorType([m], f32)]))
-        # absent zero points / bias: the kernel still takes a (1,)-shaped placeholder
-        zp = zero_points if zero_points is not None else relax.const(
-            _zeros((1,), "uint8"))
-        b = bias if bias is not None else relax.const(_zeros((1,), f32))
         args = [relax.TupleGetItem(prepped, i) for i in range(3)] + [qweight, scales, zp, b]
-        return bb.emit(relax.call_tir(matmul, args,
-                                      relax.TensorType([m, spec.out_features], f32)))
+        return bb.emit(relax.call_tir(matmul, args, out))
 
     def hadamard(self, bb, x, left, right, spec: HadamardSpec):
         width = spec.left * spec.right
