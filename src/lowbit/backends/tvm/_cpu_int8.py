@@ -17,7 +17,9 @@ decode GEMV). For M <= ``GEMV_MAX_M``:
    ``vpmaddwd`` with ones widens to int32;
 3. per group ``acc += float(dot) * s_g t_g`` in float32 lanes, the zero point as
    ``s_g z_g t_g sum xq_g``; 4 weight rows share each activation load; row blocks are split
-   into at most 16 parallel tasks, each allocating its accumulators once.
+   into at most 16 parallel tasks; the weight rows ~4 KB ahead are prefetched. TVM 0.27 turns every TIR buffer into a workspace
+   allocation (``scope="local"`` ones inside a parallel loop too), so scratch and the
+   per-task accumulators are allocated once per call, indexed by task.
 
 M > ``GEMV_MAX_M`` (prefill) runs the float ``prep`` and GEMM of :mod:`._cpu` unchanged.
 """
@@ -33,6 +35,7 @@ __all__ = ["matmul_kernel"]
 
 _ROWS = 4           # weight rows per step
 _TASKS = 16         # most parallel tasks
+_PREFETCH = 4096    # bytes of weights prefetched ahead
 _QMAX = 127.0
 _LANES = 8          # float lanes of the activation quantization loops
 
@@ -116,6 +119,7 @@ def matmul_kernel(spec: QuantLinearSpec):
     R = _largest_pow2_divisor(N, _ROWS)
     NB = N // R
     P = _largest_divisor(NB, _TASKS)
+    D = -(-_PREFETCH // (R * NG * GB))       # prefetch distance in row blocks
     mask = (1 << bits) - 1
     ubsw, wd = _vector_ops(VB)
     has_zp, has_bias = spec.has_zero_points, spec.has_bias
@@ -142,6 +146,13 @@ def matmul_kernel(spec: QuantLinearSpec):
                                             xq[mi, g, c, T.ramp((v0 + v) * VB, 1, VB)])
                 acc = t if acc is None else acc + t
         return T.call_llvm_pure_intrin(f"int32x{L}", wd, acc, T.broadcast(T.int16(1), VB // 2))
+
+    def prefetch(w, n, g, b):
+        """Software prefetch of byte ``b`` of group ``g`` of row ``n``: streamed from DRAM,
+        the hardware prefetchers lose track of 4 interleaved rows (measured 1 thread:
+        1536x576 0.088 -> 0.060 ms, 4096x4096 0.97 -> 0.70 ms)."""
+        return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(w[n, g, b]),
+                                  T.int32(0), T.int32(3), T.int32(1))
 
     def zero_f(zp, n, g):
         return T.Cast("float32", _unpack.zero_point(spec, zp, n, g))
@@ -191,6 +202,9 @@ def matmul_kernel(spec: QuantLinearSpec):
                         for g in range(NG):
                             for r in T.unroll(R):
                                 acci[r, lanes] = T.broadcast(T.int32(0), L)
+                                for v in T.unroll(max(GB // 64, 1)):
+                                    T.evaluate(prefetch(w, T.min(
+                                        (p * (NB // P) + nb + D) * R + r, N - 1), g, v * 64))
                             for v0 in range(NV // S):
                                 for r in T.unroll(R):
                                     acci[r, lanes] = acci[r, lanes] + dot(
