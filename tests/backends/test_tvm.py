@@ -96,8 +96,8 @@ def test_llvm_greedy_generation_matches_torch_reference(compiled):
 
 def test_llvm_int8_accuracy_is_opt_in_and_reported():
     """``accuracy="int8"``: decode-sized calls (M <= 4 rows) round activations to int8 per
-    group -- approximate, the option kept in the manifest and the error in the figures;
-    prefill-sized calls run the float GEMM and stay exact."""
+    group -- approximate, the option kept in the manifest; prefill-sized calls run the float
+    GEMM and stay exact."""
     cm = lowbit.compile(tiny_llama(**LLAMA), recipe="w4a16-rtn", target="llvm", progress=False,
                         backend_options={"mcpu": "native", "threads": 2, "accuracy": "int8"})
     ref = _reference("w4a16-rtn")
