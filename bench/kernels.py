@@ -1,5 +1,9 @@
 """lowbit's TVM int4 kernels vs torch fp32 ``linear`` and ONNX Runtime ``MatMulNBits``.
 
+TVM twice: the float kernels (``tvm``, the default, exact) and ``accuracy="int8"``
+(``tvm_i8``: decode GEMV on int8 dot products, activations rounded to int8 per group -- the
+counterpart of ORT's ``accuracy_level=4``; M > 4 runs the float GEMM in both).
+
 Shapes (K x N): SmolLM2's 576x576, 576x192 (k/v, GQA), 576x1536, 1536x576, and 4096x4096;
 M = 1 (GEMV, decode) and M = 512 (GEMM, prefill); int4, group 128, asymmetric (zero points).
 Each timed call applies C linears to one input inside one graph (TVM: one Relax function;
@@ -71,7 +75,7 @@ def copies(k, n, streamed: bool) -> int:
     return math.ceil(STREAM_BYTES / linear_bytes(0, k, n)) if streamed else 8
 
 
-def tvm_case(m, k, n, count, distinct, threads):
+def tvm_case(m, k, n, count, distinct, threads, accuracy="float"):
     import tvm
     from tvm import relax, tirx
     from lowbit.backends.tvm import build, resolve_target
@@ -84,7 +88,7 @@ def tvm_case(m, k, n, count, distinct, threads):
     x = relax.Var("x", relax.TensorType([rows, k], "float32"))
     ws = [[relax.Var(f"{p}{i}", relax.TensorType(list(t.shape), str(t.dtype)[6:]))
            for p, t in zip("wsz", weights[i])] for i in range(distinct)]
-    bb, emitter = relax.BlockBuilder(), Emitter(cpu=True)
+    bb, emitter = relax.BlockBuilder(), Emitter(True, accuracy)
     with bb.function("main", [x] + [v for w in ws for v in w]):
         with bb.dataflow():
             outs = [emitter.quant_linear(bb, x, *ws[i % distinct][:2], ws[i % distinct][2],
@@ -158,6 +162,9 @@ def main() -> None:
                 r = {"M": m, "K": k, "N": n, "mode": "streamed" if streamed else "hot",
                      "linears_per_call": count}
                 r["tvm_ms"] = tvm_case(m, k, n, count, distinct, a.threads) * 1e3
+                if m <= 4:
+                    r["tvm_i8_ms"] = tvm_case(m, k, n, count, distinct, a.threads,
+                                              "int8") * 1e3
                 for level in (0, 4):
                     r[f"ort_l{level}_ms"] = ort_case(m, k, n, count, distinct, a.threads,
                                                      level) * 1e3
@@ -165,15 +172,17 @@ def main() -> None:
                                                 fp32_count if streamed else 1, a.threads) * 1e3
                 r["roofline_ms"] = linear_bytes(m, k, n) / bw * 1e3
                 r["tvm_frac_bw"] = r["roofline_ms"] / r["tvm_ms"]
+                if "tvm_i8_ms" in r:
+                    r["tvm_i8_frac_bw"] = r["roofline_ms"] / r["tvm_i8_ms"]
                 r["ort_l4_frac_bw"] = r["roofline_ms"] / r["ort_l4_ms"]
                 r = {key: round(v, 4) if isinstance(v, float) else v for key, v in r.items()}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    cols = ["M", "K", "N", "mode", "tvm_ms", "ort_l4_ms", "ort_l0_ms", "torch_fp32_ms",
-            "roofline_ms", "tvm_frac_bw", "ort_l4_frac_bw"]
+    cols = ["M", "K", "N", "mode", "tvm_i8_ms", "tvm_ms", "ort_l4_ms", "ort_l0_ms",
+            "torch_fp32_ms", "roofline_ms", "tvm_i8_frac_bw", "tvm_frac_bw", "ort_l4_frac_bw"]
     print(" | ".join(cols))
     for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
+        print(" | ".join(str(r.get(c, "-")) for c in cols))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 __all__ = [
     "QuantizedWeight", "quantize_weight", "dequantize_weight", "group_layout", "grid_params",
     "fake_quantize",
-    "quantize_activation_per_token", "sqnr_db",
+    "quantize_activation_per_token", "quantize_activation_per_group", "sqnr_db",
 ]
 
 
@@ -131,6 +131,32 @@ def quantize_activation_per_token(x: torch.Tensor, bits: int = 8, clip: float = 
     a = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-8)
     s = (a * clip if clip != 1.0 else a) / qmax
     xq = torch.clamp(torch.round(x / s), -qmax, qmax)
+    return xq, s
+
+
+def quantize_activation_per_group(x: torch.Tensor, group_size: int, bits: int = 8
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric quantization of each group of ``group_size`` values along the last dim.
+
+    The last dim is zero-padded to whole groups, then per group
+    ``s = max(max|x_g|, 1e-8) / (2**(bits-1) - 1)``, ``xq = clamp(round(x / s), -qmax, qmax)``
+    (round half to even), in float32 -- the activation side of an int8-dot GEMV (ONNX
+    Runtime's ``MatMulNBits`` at ``accuracy_level=4`` quantizes per block the same way).
+    Returns ``xq [..., n_groups, group_size]`` (integer values in a float tensor) and
+    ``s [..., n_groups]``; ``xq * s[..., None]`` approximates the padded ``x``.
+
+    Example:
+        >>> xq, s = quantize_activation_per_group(torch.tensor([[1.0, -2.0, 0.5]]), 2)
+        >>> xq.tolist(), s.shape
+        ([[[64.0, -127.0], [127.0, 0.0]]], torch.Size([1, 2]))
+    """
+    qmax = float(2 ** (bits - 1) - 1)
+    k = x.shape[-1]
+    n_groups = -(-k // group_size)
+    xg = torch.nn.functional.pad(x.to(torch.float32), (0, n_groups * group_size - k))
+    xg = xg.reshape(*x.shape[:-1], n_groups, group_size)
+    s = torch.clamp(xg.abs().amax(-1), min=1e-8) / qmax
+    xq = torch.clamp(torch.round(xg / s[..., None]), -qmax, qmax)
     return xq, s
 
 

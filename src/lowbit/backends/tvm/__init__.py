@@ -8,7 +8,10 @@ only when one of them lowers or loads a model.
 Options: ``mcpu`` (llvm; default ``x86-64-v3`` on x86-64 hosts -- AVX2+FMA, portable to
 any such CPU -- or ``native`` for this CPU, resolved with ``llvm_get_system_cpu`` because
 LLVM's own ``native`` silently yields generic code), ``threads`` (CPU thread pool; 0 = TVM's
-default), ``arch`` (cuda; default ``sm_90``), ``target`` (a full JSON-dict target).
+default), ``accuracy`` (llvm; ``"float"``, the default, or ``"int8"``: the decode GEMV of 2/4-bit
+weights rounds each activation group to int8 and uses AVX2 int8 dot products, ~1e-2 relative
+error like ONNX Runtime's ``accuracy_level=4``; needs an AVX2 target), ``arch`` (cuda;
+default ``sm_90``), ``target`` (a full JSON-dict target).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from lowbit.errors import LoweringError, UsageError
 
 __all__ = ["LLVM_BACKEND", "CUDA_BACKEND", "resolve_target", "build"]
 
-_OPTIONS = {"llvm": {"mcpu": None, "threads": 0, "target": None},
+_OPTIONS = {"llvm": {"mcpu": None, "threads": 0, "accuracy": "float", "target": None},
             "cuda": {"arch": "sm_90", "target": None}}
 
 
@@ -91,11 +94,25 @@ def _build_recorded(mod, target: Mapping, cache_form: bool) -> tuple[object, dic
 
 
 def _options(kind: str, options: Mapping) -> dict:
+    from lowbit.backends.tvm.kernels import ACCURACIES
     unknown = sorted(set(options) - set(_OPTIONS[kind]))
     if unknown:
         raise UsageError(f"unknown tvm ({kind}) option(s) {unknown}; valid: "
                          f"{sorted(_OPTIONS[kind])}")
-    return {**_OPTIONS[kind], **options}
+    opts = {**_OPTIONS[kind], **options}
+    if kind == "llvm" and opts["accuracy"] not in ACCURACIES:
+        raise UsageError(f"tvm (llvm) option accuracy={opts['accuracy']!r} is not one of "
+                         f"{list(ACCURACIES)}")
+    return opts
+
+
+def _check_accuracy(target: Mapping, accuracy: str) -> None:
+    """``accuracy="int8"`` emits AVX2 intrinsics: refuse targets without AVX2."""
+    import tvm
+    if accuracy != "float" and not tvm.target.codegen.target_has_features(
+            "avx2", tvm.target.Target(dict(target))):
+        raise UsageError(f"tvm (llvm) option accuracy={accuracy!r} needs an x86 target with "
+                         f"AVX2 (e.g. mcpu 'x86-64-v3' or 'native'); got {dict(target)}")
 
 
 def _lower(kind: str, graph, spec: ModelSpec, options: Mapping):
@@ -104,7 +121,9 @@ def _lower(kind: str, graph, spec: ModelSpec, options: Mapping):
     from lowbit.backends.tvm._runtime import TvmExecutable
     opts = _options(kind, options)
     target = resolve_target(kind, opts)
-    mod, params = import_graph(graph.sync(), spec, cpu=kind == "llvm")
+    accuracy = opts.get("accuracy", "float")
+    _check_accuracy(target, accuracy)
+    mod, params = import_graph(graph.sync(), spec, cpu=kind == "llvm", accuracy=accuracy)
     try:
         library, lowering = _build_recorded(mod, target, spec.cache is not None)
     except Exception as e:

@@ -22,7 +22,8 @@ from tvm.script import tirx as T
 from lowbit.backends.tvm import _unpack
 from lowbit.backends.tvm.kernels import HadamardSpec, QuantLinearSpec
 
-__all__ = ["prep_kernel", "matmul_kernel", "hadamard_kernel", "GEMV_MAX_M"]
+__all__ = ["prep_kernel", "matmul_kernel", "hadamard_kernel", "prep_macro", "gemm_macro",
+           "GEMV_MAX_M"]
 
 GEMV_MAX_M = 4
 _ROWS = 4            # weight rows per GEMV step
@@ -36,8 +37,9 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return v
 
 
-def prep_kernel(spec: QuantLinearSpec):
-    """``x [M, K] -> (xp [M, G, C, U], xs [M, G], rs [M])`` (see the module doc)."""
+def prep_macro(spec: QuantLinearSpec):
+    """The body of :func:`prep_kernel` as a TIR macro ``prep(x, xp, xs, rs, m)`` (shared with
+    :mod:`._cpu_int8`)."""
     K, NG, C, U = spec.in_features, spec.n_groups, spec.codes_per_unit, spec.units_per_group
     G = spec.group_size
     act = spec.act_bits > 0
@@ -46,6 +48,37 @@ def prep_kernel(spec: QuantLinearSpec):
     def load(x, m, g, c, u):
         k = g * G + u * C + c
         return T.if_then_else(k < K, x[m, k], T.float32(0)) if padded else x[m, k]
+
+    @T.macro
+    def prep(x, xp, xs, rs, m):
+        for mi in T.parallel(m):
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((1,), "float32", scope="local")
+            amax[0] = T.float32(0)
+            if act:
+                for k in range(K):
+                    amax[0] = T.max(amax[0], T.fabs(x[mi, k]))
+                rs[mi] = _unpack.row_scale(spec, amax[0])
+            else:
+                rs[mi] = T.float32(1)
+            for g in range(NG):
+                acc[0] = T.float32(0)
+                for c in range(C):
+                    for u in range(U):
+                        if act:
+                            xp[mi, g, c, u] = _unpack.quantize_value(spec, load(x, mi, g, c, u),
+                                                                     rs[mi])
+                        else:
+                            xp[mi, g, c, u] = load(x, mi, g, c, u)
+                        acc[0] = acc[0] + xp[mi, g, c, u]
+                xs[mi, g] = acc[0]
+    return prep
+
+
+def prep_kernel(spec: QuantLinearSpec):
+    """``x [M, K] -> (xp [M, G, C, U], xs [M, G], rs [M])`` (see the module doc)."""
+    K, NG, C, U = spec.in_features, spec.n_groups, spec.codes_per_unit, spec.units_per_group
+    body = prep_macro(spec)
 
     @T.prim_func(private=True, s_tir=True)
     def prep(x_h: T.handle, xp_h: T.handle, xs_h: T.handle, rs_h: T.handle):
@@ -56,27 +89,7 @@ def prep_kernel(spec: QuantLinearSpec):
         xs = T.match_buffer(xs_h, (m, NG), "float32")
         rs = T.match_buffer(rs_h, (m,), "float32")
         with T.sblock("root"):
-            for mi in T.parallel(m):
-                amax = T.alloc_buffer((1,), "float32", scope="local")
-                acc = T.alloc_buffer((1,), "float32", scope="local")
-                amax[0] = T.float32(0)
-                if act:
-                    for k in range(K):
-                        amax[0] = T.max(amax[0], T.fabs(x[mi, k]))
-                    rs[mi] = _unpack.row_scale(spec, amax[0])
-                else:
-                    rs[mi] = T.float32(1)
-                for g in range(NG):
-                    acc[0] = T.float32(0)
-                    for c in range(C):
-                        for u in range(U):
-                            if act:
-                                xp[mi, g, c, u] = _unpack.quantize_value(spec, load(x, mi, g, c, u),
-                                                                         rs[mi])
-                            else:
-                                xp[mi, g, c, u] = load(x, mi, g, c, u)
-                            acc[0] = acc[0] + xp[mi, g, c, u]
-                    xs[mi, g] = acc[0]
+            body(x, xp, xs, rs, m)
     return prep
 
 
@@ -85,14 +98,58 @@ def _dequant(spec, w, s, zp, n, g, c, u):
     return T.Cast("float32", q) * s[n, g]
 
 
+def gemm_macro(spec: QuantLinearSpec):
+    """The prefill (M > ``GEMV_MAX_M``) branch of :func:`matmul_kernel` as a TIR macro
+    ``gemm(xp, rs, w, s, zp, bias, y, m)``, shared with :mod:`._cpu_int8`."""
+    N, NG, C, U = spec.out_features, spec.n_groups, spec.codes_per_unit, spec.units_per_group
+    G, KP = spec.group_size, spec.padded_in_features
+    NR = _largest_pow2_divisor(N, _NR)
+
+    def out(acc, rs, bias, m, n):
+        v = acc * rs[m]
+        return v + bias[n] if spec.has_bias else v
+
+    @T.macro
+    def gemm(xp, rs, w, s, zp, bias, y, m):
+        wp = T.alloc_buffer((N // NR, KP, NR), "float32")
+        for nb in T.parallel(N // NR):
+            for j, g, c, u in T.grid(NR, NG, C, U):
+                wp[nb, g * G + c * U + u, j] = _dequant(spec, w, s, zp, nb * NR + j, g, c, u)
+        for nb in T.parallel(N // NR):
+            for m0 in range(m // _MR):
+                acc = T.alloc_buffer((_MR, NR), "float32", scope="local")
+                for i in T.unroll(_MR):
+                    for j in T.vectorized(NR):
+                        acc[i, j] = T.float32(0)
+                for g, c, u in T.grid(NG, C, U):
+                    for i in T.unroll(_MR):
+                        for j in T.vectorized(NR):
+                            acc[i, j] = acc[i, j] + xp[m0 * _MR + i, g, c, u] \
+                                * wp[nb, g * G + c * U + u, j]
+                for i in T.unroll(_MR):
+                    for j in T.vectorized(NR):
+                        y[m0 * _MR + i, nb * NR + j] = out(acc[i, j], rs, bias, m0 * _MR + i,
+                                                           nb * NR + j)
+            for mt in range(m % _MR):
+                acc1 = T.alloc_buffer((NR,), "float32", scope="local")
+                for j in T.vectorized(NR):
+                    acc1[j] = T.float32(0)
+                for g, c, u in T.grid(NG, C, U):
+                    for j in T.vectorized(NR):
+                        acc1[j] = acc1[j] + xp[m - m % _MR + mt, g, c, u] \
+                            * wp[nb, g * G + c * U + u, j]
+                for j in T.vectorized(NR):
+                    y[m - m % _MR + mt, nb * NR + j] = out(acc1[j], rs, bias,
+                                                           m - m % _MR + mt, nb * NR + j)
+    return gemm
+
+
 def matmul_kernel(spec: QuantLinearSpec):
     """``(xp, xs, rs, qweight, scales[, zero_points][, bias]) -> y [M, N]``."""
     N, NG, C, U = spec.out_features, spec.n_groups, spec.codes_per_unit, spec.units_per_group
-    G, KP, GB = spec.group_size, spec.padded_in_features, spec.group_bytes
-    ZB = spec.zero_point_bytes
+    GB, ZB = spec.group_bytes, spec.zero_point_bytes
     VL = _largest_pow2_divisor(U, 8)
     R = _largest_pow2_divisor(N, _ROWS)
-    NR = _largest_pow2_divisor(N, _NR)
     has_zp, has_bias = spec.has_zero_points, spec.has_bias
     zp_shape = (N, ZB) if has_zp else (1,)
     b_shape = (N,) if has_bias else (1,)
@@ -106,6 +163,8 @@ def matmul_kernel(spec: QuantLinearSpec):
     def out(acc, rs, bias, m, n):
         v = acc * rs[m]
         return v + bias[n] if has_bias else v
+
+    gemm = gemm_macro(spec)
 
     @T.prim_func(private=True, s_tir=True)
     def matmul(xp_h: T.handle, xs_h: T.handle, rs_h: T.handle,
@@ -149,36 +208,7 @@ def matmul_kernel(spec: QuantLinearSpec):
                                 acc[r, 0] = acc[r, 0] + acc[r, l]
                             y[mi, n0 * R + r] = out(acc[r, 0] - zacc[r], rs, bias, mi, n0 * R + r)
             else:
-                wp = T.alloc_buffer((N // NR, KP, NR), "float32")
-                for nb in T.parallel(N // NR):
-                    for j, g, c, u in T.grid(NR, NG, C, U):
-                        wp[nb, g * G + c * U + u, j] = _dequant(spec, w, s, zp, nb * NR + j, g, c, u)
-                for nb in T.parallel(N // NR):
-                    for m0 in range(m // _MR):
-                        acc = T.alloc_buffer((_MR, NR), "float32", scope="local")
-                        for i in T.unroll(_MR):
-                            for j in T.vectorized(NR):
-                                acc[i, j] = T.float32(0)
-                        for g, c, u in T.grid(NG, C, U):
-                            for i in T.unroll(_MR):
-                                for j in T.vectorized(NR):
-                                    acc[i, j] = acc[i, j] + xp[m0 * _MR + i, g, c, u] \
-                                        * wp[nb, g * G + c * U + u, j]
-                        for i in T.unroll(_MR):
-                            for j in T.vectorized(NR):
-                                y[m0 * _MR + i, nb * NR + j] = out(acc[i, j], rs, bias, m0 * _MR + i,
-                                                                   nb * NR + j)
-                    for mt in range(m % _MR):
-                        acc1 = T.alloc_buffer((NR,), "float32", scope="local")
-                        for j in T.vectorized(NR):
-                            acc1[j] = T.float32(0)
-                        for g, c, u in T.grid(NG, C, U):
-                            for j in T.vectorized(NR):
-                                acc1[j] = acc1[j] + xp[m - m % _MR + mt, g, c, u] \
-                                    * wp[nb, g * G + c * U + u, j]
-                        for j in T.vectorized(NR):
-                            y[m - m % _MR + mt, nb * NR + j] = out(acc1[j], rs, bias,
-                                                                   m - m % _MR + mt, nb * NR + j)
+                gemm(xp, rs, w, s, zp, bias, y, m)
     return matmul
 
 

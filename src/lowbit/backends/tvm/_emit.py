@@ -1,16 +1,18 @@
 """Emit lowbit's operators into a Relax function being built (one place for both targets).
 
 CPU (llvm): ``call_tir`` of the hand-scheduled kernels in :mod:`._cpu` (marked scheduled, so
-no default schedule touches them). GPU: ``emit_te`` of the compute definitions in :mod:`._te`,
+no default schedule touches them); with ``accuracy="int8"`` the matmul of the linears it
+applies to (:attr:`QuantLinearSpec.int8_dot`) comes from :mod:`._cpu_int8`. GPU: ``emit_te`` of the compute definitions in :mod:`._te`,
 scheduled later by dlight together with the rest of the graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tvm import relax
 
-from lowbit.backends.tvm import _cpu, _te
+from lowbit.backends.tvm import _cpu, _cpu_int8, _te
 from lowbit.backends.tvm.kernels import HadamardSpec, QuantLinearSpec
 
 __all__ = ["Emitter"]
@@ -26,8 +28,8 @@ def _shape(expr) -> list:
 class Emitter:
     """Adds lowbit kernels to a Relax ``BlockBuilder``; each distinct kernel once."""
 
-    def __init__(self, cpu: bool):
-        self.cpu = cpu
+    def __init__(self, cpu: bool, accuracy: str = "float"):
+        self.cpu, self.accuracy = cpu, accuracy
         self._funcs: dict[str, relax.GlobalVar] = {}
 
     def _func(self, bb: relax.BlockBuilder, name: str, make) -> relax.GlobalVar:
@@ -64,6 +66,16 @@ class Emitter:
                           primfunc_name_hint=f"lowbit_quant_linear_{spec.name}")
 
     def _quant_linear_cpu(self, bb, x2, m, qweight, scales, zero_points, bias, spec):
+        # absent zero points / bias: the kernels still take a (1,)-shaped placeholder
+        zp = zero_points if zero_points is not None else relax.const(
+            _zeros((1,), "uint8"))
+        b = bias if bias is not None else relax.const(_zeros((1,), "float32"))
+        out = relax.TensorType([m, spec.out_features], "float32")
+        int8 = dataclasses.replace(spec, accuracy=self.accuracy)
+        if int8.int8_dot:       # one kernel: it quantizes x itself
+            matmul = self._func(bb, f"lowbit_quant_linear_{int8.name}",
+                                lambda: _cpu_int8.matmul_kernel(int8))
+            return bb.emit(relax.call_tir(matmul, [x2, qweight, scales, zp, b], out))
         prep = self._func(bb, f"lowbit_prep_{spec.name}", lambda: _cpu.prep_kernel(spec))
         matmul = self._func(bb, f"lowbit_quant_linear_{spec.name}",
                             lambda: _cpu.matmul_kernel(spec))
@@ -72,13 +84,8 @@ class Emitter:
         prepped = bb.emit(relax.call_tir(prep, [x2], [
             relax.TensorType([m, g, c, u], f32), relax.TensorType([m, g], f32),
             relax.TensorType([m], f32)]))
-        # absent zero points / bias: the kernel still takes a (1,)-shaped placeholder
-        zp = zero_points if zero_points is not None else relax.const(
-            _zeros((1,), "uint8"))
-        b = bias if bias is not None else relax.const(_zeros((1,), f32))
         args = [relax.TupleGetItem(prepped, i) for i in range(3)] + [qweight, scales, zp, b]
-        return bb.emit(relax.call_tir(matmul, args,
-                                      relax.TensorType([m, spec.out_features], f32)))
+        return bb.emit(relax.call_tir(matmul, args, out))
 
     def hadamard(self, bb, x, left, right, spec: HadamardSpec):
         width = spec.left * spec.right

@@ -239,9 +239,10 @@ class _Converters:
         return self.emitter.hadamard(importer.block_builder, x, left, right, spec)
 
 
-def import_graph(gm: torch.fx.GraphModule, spec: ModelSpec, cpu: bool):
+def import_graph(gm: torch.fx.GraphModule, spec: ModelSpec, cpu: bool,
+                 accuracy: str = "float"):
     """Return ``(IRModule, params)``: ``main(*inputs, *params)`` and the parameter tensors
-    (torch, in the order ``main`` takes them)."""
+    (torch, in the order ``main`` takes them); ``accuracy`` as the llvm backend option."""
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
@@ -253,7 +254,7 @@ def import_graph(gm: torch.fx.GraphModule, spec: ModelSpec, cpu: bool):
     if missing:
         raise LoweringError(f"TVM's torch importer cannot convert {len(missing)} graph op(s): "
                             f"{', '.join(missing[:10])}. Fix: target='onnxruntime' or 'torch'")
-    converters = _Converters(Emitter(cpu), stock)
+    converters = _Converters(Emitter(cpu, accuracy), stock)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                 custom_convert_map=converters.table())
     by_arg = {s.arg.name: s.target for s in ep.graph_signature.input_specs}

@@ -12,6 +12,15 @@ where ``x' = x`` or ``x' = clamp(round(x / s_x), -qmax, qmax)`` (``lowbit.ops`` 
 ``s_x = max(max|x|, 1e-8) * act_clip / qmax``, round half to even). Codes of the zero-padded
 last group dequantize to 0 and meet zero activations, so every group is processed whole.
 
+``accuracy="int8"`` (opt-in, CPU) replaces the float activations of the decode GEMV by int8
+codes per weight group (:func:`lowbit.numerics.quant.quantize_activation_per_group`:
+``x ~= xq_g * t_g``) and the dot products by integer ones::
+
+    y[m, n] = sum_g s[n, g] * t[m, g] * (sum_{k in g} xq[m, k] q[n, k] - z[n, g] sum_{k in g} xq[m, k])
+
+(ONNX Runtime's ``accuracy_level=4``). It applies where :attr:`QuantLinearSpec.int8_dot`
+holds; elsewhere (int3 / int8 weights, ``act_bits`` set, M > 4) the kernels stay float.
+
 Example:
     >>> spec = QuantLinearSpec(out_features=576, in_features=576, bits=4, group_size=128,
     ...                        has_zero_points=True, has_bias=False)
@@ -22,7 +31,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["QuantLinearSpec", "HadamardSpec"]
+__all__ = ["QuantLinearSpec", "HadamardSpec", "ACCURACIES"]
+
+ACCURACIES = ("float", "int8")
 
 
 @dataclass(frozen=True)
@@ -36,8 +47,11 @@ class QuantLinearSpec:
     has_bias: bool
     act_bits: int = 0
     act_clip: float = 1.0
+    accuracy: str = "float"
 
     def __post_init__(self):
+        if self.accuracy not in ACCURACIES:
+            raise ValueError(f"accuracy must be one of {ACCURACIES}; got {self.accuracy!r}")
         if self.bits not in (2, 3, 4, 8):
             raise ValueError(f"TVM kernels support bits 2, 3, 4, 8; got {self.bits}")
         if self.group_size * self.bits % 8 or (self.bits == 3 and self.group_size % 8):
@@ -75,12 +89,20 @@ class QuantLinearSpec:
         return -(-self.n_groups // per_byte) * per_byte * self.bits // 8
 
     @property
+    def int8_dot(self) -> bool:
+        """Whether the decode GEMV runs on int8 dot products (``accuracy="int8"``, float
+        activations, 2- or 4-bit codes, whole 16-byte vectors of packed codes per group)."""
+        return (self.accuracy == "int8" and self.act_bits == 0 and self.bits in (2, 4)
+                and self.group_bytes % 16 == 0)
+
+    @property
     def name(self) -> str:
         """A readable, unique kernel-name stem for this spec."""
         clip = "" if self.act_clip == 1.0 else f"c{round(self.act_clip * 1000)}"
         return (f"n{self.out_features}_k{self.in_features}_w{self.bits}g{self.group_size}"
                 f"{'z' if self.has_zero_points else 's'}{'b' if self.has_bias else ''}"
-                f"{f'_a{self.act_bits}{clip}' if self.act_bits else ''}")
+                f"{f'_a{self.act_bits}{clip}' if self.act_bits else ''}"
+                f"{'_i8dot' if self.int8_dot else ''}")
 
 
 @dataclass(frozen=True)

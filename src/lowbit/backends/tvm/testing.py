@@ -46,7 +46,7 @@ class Kernel:
         return self.vm["main"]
 
 
-def _build(make_body, arg_types, target, threads):
+def _build(make_body, arg_types, target, threads, accuracy="float"):
     from tvm import relax
     from lowbit.backends.tvm import build, resolve_target
     from lowbit.backends.tvm._emit import Emitter
@@ -56,14 +56,16 @@ def _build(make_body, arg_types, target, threads):
               for name, shape, dtype in arg_types]
     with bb.function("main", params):
         with bb.dataflow():
-            out = bb.emit_output(make_body(bb, Emitter(cpu=tgt["kind"] == "llvm"), params))
+            out = bb.emit_output(make_body(bb, Emitter(tgt["kind"] == "llvm", accuracy), params))
         bb.emit_func_output(out)
     return Kernel(build(bb.get(), tgt), tgt, threads)
 
 
-def compile_quant_linear(spec: QuantLinearSpec, target="llvm", threads: int = 0):
+def compile_quant_linear(spec: QuantLinearSpec, target="llvm", threads: int = 0,
+                         accuracy: str = "float"):
     """``kernel(x [..., K], qweight, scales, zero_points | None, bias | None) -> y [..., N]``
-    with a dynamic number of rows; zero_points / bias must match ``spec``."""
+    with a dynamic number of rows; zero_points / bias must match ``spec``; ``accuracy`` as the
+    llvm backend option."""
     from tvm import tirx
     m = tirx.Var("m", "int64")
     n, ng = spec.out_features, spec.n_groups
@@ -78,7 +80,7 @@ def compile_quant_linear(spec: QuantLinearSpec, target="llvm", threads: int = 0)
         zp = p[3] if spec.has_zero_points else None
         bias = p[-1] if spec.has_bias else None
         return emitter.quant_linear(bb, p[0], p[1], p[2], zp, bias, spec)
-    kernel = _build(body, types, target, threads)
+    kernel = _build(body, types, target, threads, accuracy)
 
     def run(x, qweight, scales, zero_points=None, bias=None):
         y = Kernel.__call__(kernel, x.reshape(-1, x.shape[-1]), qweight, scales, zero_points,
