@@ -45,11 +45,13 @@ def _reference(recipe):
     return lowbit.compile(tiny_llama(**LLAMA), recipe=recipe, target="torch", progress=False)
 
 
-@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8"])
-def test_llvm_logits_match_torch_reference(compiled, recipe):
-    """w4a16-rtn: group-128 int4 with a partial group; w8a8: rotation (online Hadamard)
-    and per-token int8 activations. New batch and sequence sizes, decode-sized too."""
-    cm, ref = compiled(recipe), _reference(recipe)
+@pytest.mark.parametrize("recipe,kv_cache", [("w4a16-rtn", True), ("w8a8", False)])
+def test_llvm_logits_match_torch_reference(compiled, recipe, kv_cache):
+    """w4a16-rtn: group-128 int4 with a partial group, in cache form (the default); w8a8:
+    rotation (online Hadamard) and per-token int8 activations, in the no-cache form. New
+    batch and sequence sizes, decode-sized too."""
+    cm, ref = compiled(recipe, kv_cache=kv_cache), _reference(recipe)
+    assert (cm.cache is not None) == kv_cache
     assert cm.backend == "tvm-llvm"
     assert cm.figures["backend_max_rel_error_vs_torch"] < TOL
     for ids in (random_ids(3, 23, seed=21), random_ids(1, 2, seed=22)):
@@ -57,7 +59,7 @@ def test_llvm_logits_match_torch_reference(compiled, recipe):
 
 
 def test_llvm_artifact_loads_without_recompiling(compiled, tmp_path):
-    cm = compiled("w4a16-rtn")
+    cm = compiled("w4a16-rtn", kv_cache=True)
     path = cm.save(tmp_path / "artifact")
     files = set(json.loads((path / "manifest.json").read_text())["files"])
     assert {"model.so", "params.safetensors", "tvm.json"} <= files
