@@ -150,14 +150,12 @@ def quantize_activation_per_group(x: torch.Tensor, group_size: int, bits: int = 
         >>> xq.tolist(), s.shape
         ([[[64.0, -127.0], [127.0, 0.0]]], torch.Size([1, 2]))
     """
-    qmax = float(2 ** (bits - 1) - 1)
     k = x.shape[-1]
     n_groups = -(-k // group_size)
     xg = torch.nn.functional.pad(x.to(torch.float32), (0, n_groups * group_size - k))
-    xg = xg.reshape(*x.shape[:-1], n_groups, group_size)
-    s = torch.clamp(xg.abs().amax(-1), min=1e-8) / qmax
-    xq = torch.clamp(torch.round(xg / s[..., None]), -qmax, qmax)
-    return xq, s
+    # each group is a "token" of the per-token quantizer: one rounding rule for both
+    xq, s = quantize_activation_per_token(xg.reshape(*x.shape[:-1], n_groups, group_size), bits)
+    return xq, s[..., 0]
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
