@@ -13,7 +13,8 @@ on a 128-token cache, tokens/s of that decode, decode on 512- and 1024-token cac
 mean share of tokens generated before the first difference).
 
 Timing (PROTOCOL): 2 threads, median of ``--runs`` (>= 5) after 2 warm-ups. All variants are
-kept loaded and timed round-robin (one untimed then one timed call of each per round), so a
+kept loaded and timed round-robin (per round and variant: 50 ms idle, one untimed call, one
+timed call: the idle lets other sessions' spinning worker threads stop), so a
 load change on a shared machine hits every row alike and the ratios of one run compare.
 ``paired_ratio_p25_p50_p75``: the decode ratio to fp32 ONNX Runtime within each round (the
 two calls moments apart), as quartiles over the rounds: the spread of the ratio itself.
@@ -44,6 +45,7 @@ from lowbit.eval import perplexity
 from lowbit.report import format_table
 
 THREADS = 2
+IDLE_S = 0.05       # idle before each probe (see Timer.run)
 
 
 def _log(msg: str) -> None:
@@ -143,9 +145,12 @@ class Timer:
         times: dict = {k: [] for k in self.probes}
         for r in range(warmup + runs):
             for key, probe in self.probes.items():
-                # one untimed call first: ONNX Runtime's worker threads spin for a while after
-                # a run, and the previous variant's spinning workers would otherwise share the
-                # two cores with this call (measured: 40 ms instead of 21 with 3 sessions)
+                # idle first, then one untimed call: ONNX Runtime's worker threads spin for a
+                # while after a run, and the previous variant's spinning workers would
+                # otherwise share the two cores with this call (measured: 40 ms instead of 21
+                # with 3 sessions without either; with the untimed call alone a 10 ms int4
+                # step still read ~1 ms slow, fp32 steps less: the ratios were biased upward)
+                time.sleep(IDLE_S)
                 probe()
                 t0 = time.perf_counter()
                 probe()

@@ -43,11 +43,14 @@ def test_llama_decoder_fuses_into_gqa_norms_and_packed_qkv(w4_pair, llama):
     layers = llama.config.num_hidden_layers
     low = fused.manifest["lowering"]
     assert low["fused"] == {"rms_norm": 2 * layers + 1, "group_query_attention": layers,
-                            "packed_qkv": layers, "merged_matmul_nbits": 2 * layers}
+                            "packed_qkv": layers, "merged_matmul_nbits": 2 * layers,
+                            "skip_rms_norm": 2 * layers}    # every norm but the first
     assert low["skipped"] == [] and low["max_rel_error_vs_unfused"] < 1e-5
     ops, before = _ops(fused), _ops(plain)
     assert ops["GroupQueryAttention"] == layers and "Softmax" not in ops
     assert ops["MatMulNBits"] == 4 * layers and ops["Split"] == layers  # qkv, o, gate+up, down
+    # the residual adds live inside the skip norms; the one Add left sums the cache lengths
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["Add"] == 1
     assert sum(ops.values()) < sum(before.values()) / 2
 
 
