@@ -20,7 +20,6 @@ import torch
 import lowbit
 from lowbit.backends.tvm.inspect import cuda_kernels
 
-from bench_support import lower_again
 
 # w4a16 without the calibration-heavy GPTQ: rotation (online Hadamard kernels included),
 # int4 group-128 asymmetric RTN, packing
@@ -40,7 +39,7 @@ def main() -> None:
     ref = lowbit.compile(a.model, recipe=recipe, target="torch", progress=False,
                          kv_cache=False)          # the TVM backend lowers the no-cache form
     t0 = time.perf_counter()
-    cm = lower_again(ref, "cuda", {"arch": a.arch})
+    cm = lowbit.relower(ref, "cuda", {"arch": a.arch})
     seconds = time.perf_counter() - t0
     out = Path(a.out)
     cm.save(out / "cuda", overwrite=True)

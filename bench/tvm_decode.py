@@ -24,7 +24,6 @@ from lowbit.compiler.instruments import max_relative_error
 from lowbit.compiler.kv_cache import run_in_chunks
 from lowbit.report import format_table
 
-from bench_support import lower_again
 from decode import Timer
 
 
@@ -62,7 +61,7 @@ def main() -> None:
                                 ("onnxruntime", {"threads": 2, "accuracy_level": 4})):
             _log(f"{preset}: lowering for {target} {options}")
             t0 = time.perf_counter()
-            cm = lower_again(ref, target, options)
+            cm = lowbit.relower(ref, target, options)
             seconds = time.perf_counter() - t0
             extra = {k: v for k, v in options.items() if k in ("accuracy", "accuracy_level")}
             rows.append({"preset": preset, "backend": cm.backend,

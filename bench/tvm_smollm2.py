@@ -20,7 +20,6 @@ from lowbit.compiler.instruments import max_relative_error
 from lowbit.data.wikitext import eval_windows
 from lowbit.eval import perplexity
 
-from bench_support import lower_again
 
 
 def main() -> None:
@@ -46,7 +45,7 @@ def main() -> None:
             ids = eval_windows(ref.tokenizer, a.windows)
         log(f"{preset}: llvm")
         t0 = time.perf_counter()
-        cm = lower_again(ref, "llvm", {"mcpu": a.mcpu, "threads": 2})
+        cm = lowbit.relower(ref, "llvm", {"mcpu": a.mcpu, "threads": 2})
         compile_s = time.perf_counter() - t0
         if a.save:
             cm.save(f"{a.save}/{preset}", overwrite=True)

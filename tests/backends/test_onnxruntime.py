@@ -238,6 +238,18 @@ def test_int8_activations_with_a_padded_single_group(mlp, mlp_input):
     assert max_relative_error(cms["torch"](mlp_input), cms["onnxruntime"](mlp_input)) <= 1e-4
 
 
+def test_relower_reuses_the_torch_compile(mlp, mlp_input):
+    ref = lowbit.compile(mlp, recipe="w8a16", target="torch", example_inputs=(mlp_input,),
+                         progress=False)
+    cm = lowbit.relower(ref, "onnxruntime", {"threads": 1})
+    assert cm.backend == "onnxruntime" and cm.manifest["backend_options"] == {"threads": 1}
+    assert cm.manifest["layers"] == ref.manifest["layers"]       # the same quantized weights
+    assert cm.figures["backend_max_rel_error_vs_torch"] <= 1e-4
+    assert max_relative_error(ref(mlp_input), cm(mlp_input)) <= 1e-4
+    with pytest.raises(lowbit.UsageError, match="target='torch'"):
+        lowbit.relower(cm, "torch")                              # ORT holds no FX graph
+
+
 def test_4_bit_weights_with_activations_need_a_matmulnbits_block(mlp, mlp_input):
     # no integer kernel for W4 x A8: the weight-only kernel must take the per-channel block
     recipe = {"passes": [{"rtn": {"bits": 4, "group_size": None, "symmetric": True}},

@@ -20,7 +20,7 @@ from lowbit.compiler.recipe import load_recipe, override, schedule
 from lowbit.errors import DataError, UsageError
 from lowbit.plugins.manager import get_registry
 
-__all__ = ["compile", "resolve_backend", "calibration_batches"]
+__all__ = ["compile", "relower", "resolve_backend", "calibration_batches"]
 
 def resolve_backend(target: str, registry):
     if target in registry.backends:
@@ -172,6 +172,58 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
         "plugins": registry.plugins,
     }
     return CompiledModel(executable, manifest, captured.tokenizer)
+
+
+def relower(cm: CompiledModel, target: str,
+            backend_options: Mapping[str, Any] | None = None) -> CompiledModel:
+    """The graph a ``target="torch"`` :class:`CompiledModel` holds, lowered for ``target``
+    without capturing or quantizing again: one compile (calibration, GPTQ...) for several
+    backends, with the same quantized weights on each.
+
+    The new backend is checked against the torch graph on the captured example inputs (their
+    first row where shapes are dynamic) (``figures["backend_max_rel_error_vs_torch"]``), as :func:`compile` does.
+
+        >>> import lowbit
+        >>> from lowbit.testing import tiny_llama
+        >>> ref = lowbit.compile(tiny_llama(), recipe="w8a16", target="torch", progress=False)
+        >>> ort = relower(ref, "onnxruntime")                          # doctest: +SKIP
+    """
+    from lowbit.compiler.fx_graph import FxGraph
+    from lowbit.compiler.instruments import max_relative_error
+
+    module = getattr(cm.executable, "module", None)
+    if cm.backend != "torch" or module is None:
+        raise UsageError(f"relower needs a model compiled with target='torch' (it holds the "
+                         f"graph); this one is on '{cm.backend}': compile it for 'torch' "
+                         "first, or compile again for the new target")
+    t0 = time.perf_counter()
+    registry = get_registry()
+    backend = resolve_backend(target, registry)
+    spec = cm.executable.spec
+    if spec.cache is not None and not backend.kv_cache:
+        raise UsageError(f"this model is compiled with a KV cache and backend "
+                         f"'{backend.name}' does not lower one: compile it for 'torch' with "
+                         "kv_cache=False first")
+    graph = FxGraph(module)
+    executable = backend.lower(graph, spec, dict(backend_options or {}))
+    figures: dict[str, Any] = {}
+    if getattr(executable, "can_run", lambda: True)():
+        probe = dict(spec.example_inputs)
+        if spec.dynamic:    # one row (ONNX Runtime's fused attention takes one on a cache)
+            probe = {k: v[:1] for k, v in probe.items()}
+        reference = graph.run(probe)
+        figures["backend_max_rel_error_vs_torch"] = max(
+            max_relative_error(r, g) for r, g in zip(reference, executable(probe)))
+    else:
+        figures["backend_verification"] = f"skipped: {backend.name} cannot run on this machine"
+    figures["lowering_seconds"] = round(time.perf_counter() - t0, 2)
+    figures["artifact_bytes"] = executable.nbytes
+    manifest = {**cm.manifest, "backend": backend.name,
+                "backend_options": dict(backend_options or {}),
+                "figures": {**{k: v for k, v in cm.figures.items()
+                               if k in ("compile_seconds", "peak_rss_mb")}, **figures},
+                "lowering": getattr(executable, "lowering", None)}
+    return CompiledModel(executable, manifest, cm.tokenizer)
 
 
 def _generation_config(captured: Captured) -> dict:
