@@ -14,15 +14,23 @@ ORT: one session; torch: a Python loop), so per-call overhead is amortised:
 
 Roofline: bytes moved per linear (packed weight + scales + zero points + x + y) over the best
 streaming read bandwidth measured in the same run (torch sum over 512 MB, same threads).
-Median of 7 runs after 2 warm-ups. JSON lines, then a table.
 
-    TVM_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python bench/kernels.py [--quick]
+Every case runs in its own process (median of 7 runs after 2 warm-ups there): ONNX Runtime's
+and TVM's worker threads spin for a while after each call, and in one process the pool of one
+runtime measurably slowed the other (ORT's 576x192 GEMV read 9.7 us before a TVM case ran in
+the process and 17.2 us after). ``--rounds R`` repeats all cases R times, interleaved, and
+reports the median per case. JSON lines, then a table.
+
+    TVM_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python bench/kernels.py [--quick] [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -105,7 +113,6 @@ def tvm_case(m, k, n, count, distinct, threads, accuracy="float"):
 
 
 def ort_case(m, k, n, count, distinct, threads, level):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     weights = [packed(n, k, i) for i in range(distinct)]
@@ -143,41 +150,70 @@ def torch_case(m, k, n, count, distinct, threads):
     return timeit(run) / count
 
 
+KINDS = ("tvm", "tvm_i8", "ort_l0", "ort_l4", "torch_fp32")
+
+
+def run_case(kind: str, m: int, k: int, n: int, streamed: bool, threads: int) -> float:
+    """Seconds per linear of one case (in this process)."""
+    count = copies(k, n, streamed) if m == 1 else 2
+    distinct = count if streamed else 1
+    if kind == "torch_fp32":
+        count = max(1, count // 8) if streamed else count
+        return torch_case(m, k, n, count, count if streamed else 1, threads)
+    if kind.startswith("tvm"):
+        return tvm_case(m, k, n, count, distinct, threads, "int8" if kind == "tvm_i8" else "float")
+    return ort_case(m, k, n, count, distinct, threads, int(kind[-1]))
+
+
+def case_in_subprocess(kind: str, m: int, k: int, n: int, streamed: bool, threads: int) -> float:
+    cmd = [sys.executable, __file__, "--case", kind, str(m), str(k), str(n),
+           "streamed" if streamed else "hot", "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="4096x4096 and 576x576 only")
     ap.add_argument("--gemm", action="store_true", help="also M=512 (slow)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every case, interleaved")
+    ap.add_argument("--case", nargs=5, metavar=("KIND", "M", "K", "N", "MODE"),
+                    help=argparse.SUPPRESS)      # internal: one case, seconds on stdout
     a = ap.parse_args()
+    if a.case:
+        kind, m, k, n, mode = a.case
+        print(run_case(kind, int(m), int(k), int(n), mode == "streamed", a.threads))
+        return
     bw = bandwidth(a.threads)
     print(json.dumps({"stream_read_GBps": round(bw / 1e9, 2), "threads": a.threads}), flush=True)
     shapes = [(576, 576), (4096, 4096)] if a.quick else SHAPES
+    cases = [(m, k, n, streamed) for m in ([1, 512] if a.gemm else [1]) for k, n in shapes
+             for streamed in ((False, True) if m == 1 else (False,))]
+    times: dict = {}
+    for _ in range(a.rounds):
+        for m, k, n, streamed in cases:
+            for kind in KINDS:
+                if kind == "tvm_i8" and m > 4:
+                    continue
+                times.setdefault((m, k, n, streamed, kind), []).append(
+                    case_in_subprocess(kind, m, k, n, streamed, a.threads))
     rows = []
-    for m in ([1, 512] if a.gemm else [1]):
-        for k, n in shapes:
-            for streamed in ((False, True) if m == 1 else (False,)):
-                count = copies(k, n, streamed) if m == 1 else 2
-                distinct = count if streamed else 1
-                fp32_count = max(1, count // 8) if streamed else count
-                r = {"M": m, "K": k, "N": n, "mode": "streamed" if streamed else "hot",
-                     "linears_per_call": count}
-                r["tvm_ms"] = tvm_case(m, k, n, count, distinct, a.threads) * 1e3
-                if m <= 4:
-                    r["tvm_i8_ms"] = tvm_case(m, k, n, count, distinct, a.threads,
-                                              "int8") * 1e3
-                for level in (0, 4):
-                    r[f"ort_l{level}_ms"] = ort_case(m, k, n, count, distinct, a.threads,
-                                                     level) * 1e3
-                r["torch_fp32_ms"] = torch_case(m, k, n, fp32_count,
-                                                fp32_count if streamed else 1, a.threads) * 1e3
-                r["roofline_ms"] = linear_bytes(m, k, n) / bw * 1e3
-                r["tvm_frac_bw"] = r["roofline_ms"] / r["tvm_ms"]
-                if "tvm_i8_ms" in r:
-                    r["tvm_i8_frac_bw"] = r["roofline_ms"] / r["tvm_i8_ms"]
-                r["ort_l4_frac_bw"] = r["roofline_ms"] / r["ort_l4_ms"]
-                r = {key: round(v, 4) if isinstance(v, float) else v for key, v in r.items()}
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+    for m, k, n, streamed in cases:
+        count = copies(k, n, streamed) if m == 1 else 2
+        r = {"M": m, "K": k, "N": n, "mode": "streamed" if streamed else "hot",
+             "linears_per_call": count}
+        for kind in KINDS:
+            if (m, k, n, streamed, kind) in times:
+                r[f"{kind}_ms"] = statistics.median(times[(m, k, n, streamed, kind)]) * 1e3
+        r["roofline_ms"] = linear_bytes(m, k, n) / bw * 1e3
+        r["tvm_frac_bw"] = r["roofline_ms"] / r["tvm_ms"]
+        if "tvm_i8_ms" in r:
+            r["tvm_i8_frac_bw"] = r["roofline_ms"] / r["tvm_i8_ms"]
+        r["ort_l4_frac_bw"] = r["roofline_ms"] / r["ort_l4_ms"]
+        r = {key: round(v, 4) if isinstance(v, float) else v for key, v in r.items()}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
     cols = ["M", "K", "N", "mode", "tvm_i8_ms", "tvm_ms", "ort_l4_ms", "ort_l0_ms",
             "torch_fp32_ms", "roofline_ms", "tvm_i8_frac_bw", "tvm_frac_bw", "ort_l4_frac_bw"]
     print(" | ".join(cols))
