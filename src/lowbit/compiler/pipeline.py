@@ -181,7 +181,9 @@ def relower(cm: CompiledModel, target: str,
     backends, with the same quantized weights on each.
 
     The new backend is checked against the torch graph on the captured example inputs (their
-    first row where shapes are dynamic) (``figures["backend_max_rel_error_vs_torch"]``), as :func:`compile` does.
+    first row where shapes are dynamic) (``figures["backend_max_rel_error_vs_torch"]``), as
+    :func:`compile` does. The figures keep the torch compile's ``compile_seconds`` and
+    ``peak_rss_mb`` and add ``lowering_seconds`` and the new ``artifact_bytes``.
 
         >>> import lowbit
         >>> from lowbit.testing import tiny_llama
