@@ -206,9 +206,11 @@ def main() -> None:
         for kind in KINDS:
             if (m, k, n, streamed, kind) in times:
                 r[f"{kind}_ms"] = statistics.median(times[(m, k, n, streamed, kind)]) * 1e3
-        spread = {f"{kind}_rounds_ms": [round(t * 1e3, 4) for t in times[key]]
-                  for kind in KINDS if (key := (m, k, n, streamed, kind)) in times
-                  and a.rounds > 1}
+        spread = {}                 # each round's figure (JSON only), to show the spread
+        for kind in KINDS:
+            if a.rounds > 1 and (m, k, n, streamed, kind) in times:
+                spread[f"{kind}_rounds_ms"] = [round(t * 1e3, 4)
+                                               for t in times[(m, k, n, streamed, kind)]]
         r["roofline_ms"] = linear_bytes(m, k, n) / bw * 1e3
         r["tvm_frac_bw"] = r["roofline_ms"] / r["tvm_ms"]
         if "tvm_i8_ms" in r:
@@ -216,8 +218,7 @@ def main() -> None:
         r["ort_l4_frac_bw"] = r["roofline_ms"] / r["ort_l4_ms"]
         r = {key: round(v, 4) if isinstance(v, float) else v for key, v in r.items()}
         rows.append(r)
-        r = {**r, **spread}         # each round's figure (JSON only), to show the spread
-        print(json.dumps(r), flush=True)
+        print(json.dumps({**r, **spread}), flush=True)
     cols = ["M", "K", "N", "mode", "tvm_i8_ms", "tvm_ms", "ort_l4_ms", "ort_l0_ms",
             "torch_fp32_ms", "roofline_ms", "tvm_i8_frac_bw", "tvm_frac_bw", "ort_l4_frac_bw"]
     print(" | ".join(cols))

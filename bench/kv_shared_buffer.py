@@ -32,7 +32,8 @@ def edited(src: Path, level: int, shared: bool, out: Path) -> Path:
             if n.op_type == "MatMulNBits" and a.name == "accuracy_level":
                 a.i = level
     if shared:
-        shape = next(n for n in m.graph.node if n.op_type == "Shape" and n.input[0] == "past_key_0")
+        shape = next(n for n in m.graph.node
+                     if n.op_type == "Shape" and n.input[0] == "past_key_0")
         m.graph.node.remove(shape)
         m.graph.input.append(helper.make_tensor_value_info("past_length", TensorProto.INT64, [1]))
         for n in m.graph.node:

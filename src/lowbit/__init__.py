@@ -13,7 +13,7 @@ from lowbit.errors import (CaptureError, ContractError, DataError, LoweringError
                            NumericMismatchError, PassError, PluginError, RecipeError,
                            UsageError)
 
-__all__ = ["compile", "relower", "load", "CompiledModel", "LowbitError", "UsageError", "RecipeError",
-           "CaptureError", "DataError", "PluginError", "PassError", "ContractError",
+__all__ = ["compile", "relower", "load", "CompiledModel", "LowbitError", "UsageError",
+           "RecipeError", "CaptureError", "DataError", "PluginError", "PassError", "ContractError",
            "NumericMismatchError", "LoweringError"]
 __version__ = "0.1.0"

@@ -143,14 +143,8 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
     reference = captured.graph.run(verify_inputs) if verify else None
     executable = backend.lower(captured.graph, spec, dict(backend_options or {}))
     figures: dict[str, Any] = {}
-    if verify and not getattr(executable, "can_run", lambda: True)():
-        # e.g. target="cuda" on a machine without a GPU: the library is built and can be
-        # saved; the comparison with the torch graph happens where it runs
-        figures["backend_verification"] = f"skipped: {backend.name} cannot run on this machine"
-    elif verify:
-        got = executable(verify_inputs)
-        figures["backend_max_rel_error_vs_torch"] = max(
-            max_relative_error(r, g) for r, g in zip(reference, got))
+    if verify:
+        figures.update(_backend_check(executable, backend.name, reference, verify_inputs))
     figures["compile_seconds"] = round(time.perf_counter() - t0, 2)
     figures["peak_rss_mb"] = _peak_rss_mb()
     figures["artifact_bytes"] = executable.nbytes
@@ -191,7 +185,6 @@ def relower(cm: CompiledModel, target: str,
         >>> ort = relower(ref, "onnxruntime")                          # doctest: +SKIP
     """
     from lowbit.compiler.fx_graph import FxGraph
-    from lowbit.compiler.instruments import max_relative_error
 
     module = getattr(cm.executable, "module", None)
     if cm.backend != "torch" or module is None:
@@ -207,17 +200,12 @@ def relower(cm: CompiledModel, target: str,
                          f"'{backend.name}' does not lower one: compile it for 'torch' with "
                          "kv_cache=False first")
     graph = FxGraph(module)
+    probe = dict(spec.example_inputs)
+    if spec.dynamic:    # one row (ONNX Runtime's fused attention takes one on a cache)
+        probe = {k: v[:1] for k, v in probe.items()}
+    reference = graph.run(probe)
     executable = backend.lower(graph, spec, dict(backend_options or {}))
-    figures: dict[str, Any] = {}
-    if getattr(executable, "can_run", lambda: True)():
-        probe = dict(spec.example_inputs)
-        if spec.dynamic:    # one row (ONNX Runtime's fused attention takes one on a cache)
-            probe = {k: v[:1] for k, v in probe.items()}
-        reference = graph.run(probe)
-        figures["backend_max_rel_error_vs_torch"] = max(
-            max_relative_error(r, g) for r, g in zip(reference, executable(probe)))
-    else:
-        figures["backend_verification"] = f"skipped: {backend.name} cannot run on this machine"
+    figures = _backend_check(executable, backend.name, reference, probe)
     figures["lowering_seconds"] = round(time.perf_counter() - t0, 2)
     figures["artifact_bytes"] = executable.nbytes
     manifest = {**cm.manifest, "backend": backend.name,
@@ -226,6 +214,18 @@ def relower(cm: CompiledModel, target: str,
                                if k in ("compile_seconds", "peak_rss_mb")}, **figures},
                 "lowering": getattr(executable, "lowering", None)}
     return CompiledModel(executable, manifest, cm.tokenizer)
+
+
+def _backend_check(executable, backend: str, reference: list[torch.Tensor],
+                   inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The lowered model against the torch graph's ``reference`` outputs on ``inputs``."""
+    if not getattr(executable, "can_run", lambda: True)():
+        # e.g. target="cuda" on a machine without a GPU: the library is built and can be
+        # saved; the comparison with the torch graph happens where it runs
+        return {"backend_verification": f"skipped: {backend} cannot run on this machine"}
+    got = executable(inputs)
+    return {"backend_max_rel_error_vs_torch": max(max_relative_error(r, g)
+                                                  for r, g in zip(reference, got))}
 
 
 def _generation_config(captured: Captured) -> dict:
