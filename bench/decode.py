@@ -8,7 +8,9 @@ accuracy_level 0 and 4: one compile, the level is an attribute of the saved grap
 Columns: WikiText-2 perplexity (``--windows`` of 512, PROTOCOL: 64), artifact bytes (the
 ``.onnx`` file; the torch row counts its tensors), prefill of 512 tokens, decode of one token
 on a 128-token cache, tokens/s of that decode, decode on 512- and 1024-token caches
-(flatness), and greedy agreement with fp32 torch (``--prompts`` WikiText-2 test lines cut to
+(flatness; ONNX Runtime rows step the way ``generate()`` does, with the cache in fixed buffers
+extended in place, or with ``--copy-cache`` through separate past/present tensors), and greedy
+agreement with fp32 torch (``--prompts`` WikiText-2 test lines cut to
 32 tokens, 32 new tokens each: the share of prompts whose continuation is identical, and the
 mean share of tokens generated before the first difference).
 
@@ -124,15 +126,28 @@ def onnx_bytes(cm: CompiledModel) -> int:
 class Timer:
     """Round-robin latency probes of many variants (see the module docstring)."""
 
-    def __init__(self, vocab: int, contexts: list[int], prefill: int):
+    def __init__(self, vocab: int, contexts: list[int], prefill: int, copy_cache: bool = False):
         self.vocab, self.contexts, self.prefill = vocab, contexts, prefill
+        self.copy_cache = copy_cache
         self.probes: dict[tuple[str, str], object] = {}
 
     def add(self, name: str, cm: CompiledModel) -> None:
         gen = torch.Generator().manual_seed(0)
-        cache, step = cm.cache, cm.executable
         ids = torch.randint(3, self.vocab, (1, max(self.prefill, *self.contexts) + 1),
                             generator=gen)
+        if getattr(cm.executable, "static_cache", False) and not self.copy_cache:
+            make = cm.executable.cached_decoder
+            # what generate() runs: the cache in fixed buffers extended in place; each timed
+            # call rewinds to the context and writes the same position again
+            for ctx, key in [(0, "prefill_512_ms"), *((c, f"decode_{c}_ms")
+                                                       for c in self.contexts)]:
+                new = ids[:, :self.prefill] if ctx == 0 else ids[:, ctx:ctx + 1]
+                dec = make(1, ctx + new.shape[1])
+                if ctx:
+                    dec(ids[:, :ctx])
+                self.probes[(name, key)] = lambda d=dec, c=ctx, x=new: (d.rewind(c), d(x))
+            return
+        cache, step = cm.cache, cm.executable          # past/present tensors: copied per step
         feeds = {"input_ids": ids[:, :self.prefill], **cache.empty(1)}
         self.probes[(name, "prefill_512_ms")] = lambda f=feeds: step(f)
         for ctx in self.contexts:
@@ -185,6 +200,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--no-ort-rtn", action="store_true", help="skip ORT's own quantizer row")
+    ap.add_argument("--copy-cache", action="store_true",
+                    help="time ORT steps with separate past/present tensors (a copy of the "
+                         "cache per step) instead of the in-place cache generate() uses")
     ap.add_argument("--save", help="save each ORT artifact under this directory")
     ap.add_argument("--load", help="load PRESET from DIR/PRESET where saved (--save) "
                                    "instead of compiling it")
@@ -242,7 +260,7 @@ def main() -> None:
                 round(x, 3) for x in agreement(cm, prompts, reference, a.new_tokens))
         rows.append(row)
     _log("timing (round-robin)")
-    timer = Timer(vocab, contexts, 512)
+    timer = Timer(vocab, contexts, 512, a.copy_cache)
     for i, (_, _, cm) in enumerate(variants):
         timer.add(str(i), cm)
     times = timer.run(a.runs)

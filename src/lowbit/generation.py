@@ -1,9 +1,12 @@
 """Text generation over a compiled causal LM: greedy or sampled, one token per step.
 
 With a KV cache (the default for causal LMs) the prompt runs once (prefill, empty cache) and
-each later step feeds only the newest token plus the cache the previous step returned, so a
-step costs the same at any context length up to attention over the cache. Artifacts compiled
-with ``kv_cache=False`` are decoded by re-running the whole sequence each step.
+each later step feeds only the newest token. ONNX Runtime artifacts with a fused attention keep
+the cache in fixed-capacity buffers that each step extends in place, so a step costs the same
+at any context length up to attention over the cache; other backends pass each step the cache
+the previous step returned (a new tensor per step, so a copy that grows with the context).
+Artifacts compiled with ``kv_cache=False`` are decoded by re-running the whole sequence each
+step.
 
 Example:
     >>> import torch
@@ -90,18 +93,21 @@ def generate_ids(step: Step, ids: torch.Tensor, max_new_tokens: int,
                  eos: Iterable[int] = (), seed: int | None = None) -> Generation:
     """Extend ``ids [batch, prompt]`` by up to ``max_new_tokens`` tokens.
 
-    ``step(inputs) -> [logits, *present]`` runs the model once. A row that emits a token of
+    ``step(inputs) -> [logits, *present]`` runs the model once. If ``step`` also offers
+    ``cached_decoder(batch, capacity)`` (ONNX Runtime artifacts with a fused attention), the
+    cache lives in buffers each step extends in place instead. A row that emits a token of
     ``eos`` is finished: it is padded with that token until every row is finished.
     """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     eos_ids = torch.tensor(sorted(set(eos)), dtype=torch.long)
     seq, prompt = ids, ids.shape[1]
     done = torch.zeros(ids.shape[0], dtype=torch.bool)
-    inputs = {"input_ids": ids, **(cache.empty(ids.shape[0]) if cache else {})}
+    advance = _advancer(step, cache, ids.shape[0], prompt + max_new_tokens)
     out = Generation(ids=seq, prompt_length=prompt)
+    new = ids
     for i in range(max_new_tokens):
         t0 = time.perf_counter()
-        logits, *present = step(inputs)
+        logits = advance(new)
         seconds = time.perf_counter() - t0
         out.prefill_seconds = seconds if i == 0 else out.prefill_seconds
         if i:
@@ -113,9 +119,30 @@ def generate_ids(step: Step, ids: torch.Tensor, max_new_tokens: int,
         done |= torch.isin(token, eos_ids)
         if bool(done.all()):
             break
-        if cache is not None:
-            inputs = {"input_ids": token[:, None], **dict(zip(cache.input_names, present))}
-        else:
-            inputs = {"input_ids": seq}
+        new = token[:, None]
     out.ids = seq
     return out
+
+
+def _advancer(step: Step, cache: KVCacheSpec | None, batch: int,
+              capacity: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``advance(new_ids) -> logits``: runs the model on the next tokens, keeping the state
+    (the cache, or without one the sequence so far) between calls."""
+    if cache is None:
+        seen: list[torch.Tensor] = []
+
+        def rerun(new):                       # no cache: the whole sequence each step
+            seen.append(new)
+            return step({"input_ids": torch.cat(seen, dim=1)})[0]
+        return rerun
+    decoder = getattr(step, "cached_decoder", lambda b, c: None)(batch, capacity)
+    if decoder is not None:
+        return decoder
+    past = cache.empty(batch)
+
+    def cached(new):
+        nonlocal past
+        logits, *present = step({"input_ids": new, **past})
+        past = dict(zip(cache.input_names, present))
+        return logits
+    return cached

@@ -157,11 +157,14 @@ def test_saved_onnx_runs_in_a_plain_inference_session(compiled, saved, recipe):
     session = ort.InferenceSession(str(saved(recipe)), providers=["CPUExecutionProvider"])
     cm = compiled(recipe, "onnxruntime")
     cache = cm.cache   # causal LMs compile in cache form: the cache inputs follow input_ids
-    assert [i.name for i in session.get_inputs()] == ["input_ids", *cache.input_names]
+    # ... and the fused attention's count of valid cache positions
+    assert [i.name for i in session.get_inputs()] == ["input_ids", *cache.input_names,
+                                                      "cache_length"]
     assert [o.name for o in session.get_outputs()] == ["logits", *cache.output_names]
     for ids in _ids():
         empty = {k: v.numpy() for k, v in cache.empty(ids.shape[0]).items()}
-        logits, *present = session.run(None, {"input_ids": ids.numpy(), **empty})
+        logits, *present = session.run(None, {"input_ids": ids.numpy(), **empty,
+                                              "cache_length": np.array([0])})
         assert logits.shape == (*ids.shape, 128)
         assert [p.shape[2] for p in present] == [ids.shape[1]] * len(present)
         assert max_relative_error(cm(ids), torch.from_numpy(logits)) <= 1e-6

@@ -52,13 +52,16 @@ def saved(fp32, tmp_path_factory):
 def test_onnx_graph_has_cache_inputs_and_outputs_with_a_dynamic_past(saved, fp32):
     graph = onnx.load(str(saved / "model.onnx"), load_external_data=False).graph
     cache = fp32.cache
-    assert [i.name for i in graph.input] == ["input_ids", *cache.input_names]
+    # the fused attention reads the cache's valid length from one more input (static cache)
+    assert [i.name for i in graph.input] == ["input_ids", *cache.input_names, "cache_length"]
     assert [o.name for o in graph.output] == ["logits", *cache.output_names]
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
             for v in [*graph.input, *graph.output]}
     batch, heads, past, head_dim = dims["past_key_0"]
     assert isinstance(batch, str) and isinstance(past, str) and (heads, head_dim) == (2, 16)
     assert isinstance(dims["present_value_1"][2], str)          # past + seq, symbolic
+    assert dims["cache_length"] == [1]
+    assert graph.input[-1].type.tensor_type.elem_type == onnx.TensorProto.INT64
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +134,60 @@ def test_cli_generate_and_the_artifact_files(saved, fp32, capsys):
     manifest = lowbit.load(saved).manifest
     assert "generate.py" in manifest["files"]        # listed, but not counted as model bytes
     assert manifest["figures"]["artifact_bytes"] == (saved / "model.onnx").stat().st_size
+
+
+def test_static_cache_decoder_extends_its_buffers_in_place(fp32):
+    """The cache stays in fixed buffers (present bound to past): logits equal the full forward
+    and the exactly-sized past/present path, the buffers grow on overflow, rewind replays."""
+    ids = random_ids(1, 12, seed=5)
+    full = fp32(ids)
+    dec = fp32.executable.cached_decoder(batch=1, capacity=9)
+    first = dec._arrays["past_key_0"]
+    chunks = [dec(ids[:, :8]), dec(ids[:, 8:9])]
+    assert dec._arrays["past_key_0"] is first and dec.length == 9     # written in place
+    chunks.append(dec(ids[:, 9:12]))                                   # 12 > 9: grows
+    assert dec.capacity == 18 and dec.length == 12
+    assert_numerically_equal(torch.cat(chunks, dim=1), full, rtol=1e-5, what="in-place cache")
+    plain = incremental_logits(fp32.executable, fp32.cache, ids)
+    assert_numerically_equal(torch.cat(chunks, dim=1), plain, rtol=1e-5, what="vs past/present")
+    _, *present = fp32.executable({"input_ids": ids, **fp32.cache.empty(1)})
+    for name, want in zip(fp32.cache.input_names, present):
+        assert_numerically_equal(dec.past()[name], want, rtol=1e-5, what=name)
+    dec.rewind(11)
+    assert_numerically_equal(dec(ids[:, 11:12]), full[:, 11:12], rtol=1e-5, what="rewound")
+    with pytest.raises(lowbit.UsageError, match="rewind to 0..12"):
+        dec.rewind(13)
+
+
+def test_static_cache_decoder_batch_and_its_errors(fp32):
+    ids = random_ids(2, 6, seed=6)
+    dec = fp32.executable.cached_decoder(batch=2, capacity=6)
+    got = torch.cat([dec(ids[:, :5]), dec(ids[:, 5:])], dim=1)
+    assert_numerically_equal(got, fp32(ids), rtol=1e-5, what="batch 2 in place")
+    with pytest.raises(lowbit.UsageError, match=r"batch size 1 only .* Fix"):
+        dec(ids[:, :2])                  # a chunk on a non-empty cache: one row only (GQA)
+    with pytest.raises(lowbit.UsageError, match=r"batch=2"):
+        dec(ids[:1, :1])
+
+
+def test_generation_uses_the_in_place_cache_and_agrees_with_the_copying_path(fp32):
+    from lowbit.generation import generate_ids
+    ids = random_ids(2, 5, seed=8)
+    calls = []
+    exe = fp32.executable
+
+    class Copying:                       # the executable without its in-place decoder
+        def __call__(self, inputs):
+            calls.append(inputs["input_ids"].shape[1])
+            return exe(inputs)
+    in_place = generate_ids(exe, ids, 9, fp32.cache)
+    copying = generate_ids(Copying(), ids, 9, fp32.cache)
+    assert calls == [5] + [1] * 8 and torch.equal(in_place.ids, copying.ids)
+
+
+def test_unfused_artifact_generates_but_ships_no_script(fp32_unfused, tmp_path):
+    assert fp32_unfused.executable.cached_decoder(1, 8) is None      # no cache_length input
+    assert fp32_unfused.generate([1, 2, 3], 4).ids.shape == (1, 7)
+    with pytest.warns(UserWarning, match="generate.py is not shipped.*fuse"):
+        out = fp32_unfused.save(tmp_path / "unfused")
+    assert not (out / "generate.py").exists()

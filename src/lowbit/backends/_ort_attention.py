@@ -4,7 +4,9 @@ Part of the fused ONNX Runtime lowering (:mod:`lowbit.backends._ort_fuse`): the 
 attention (rotary ``Slice/Neg/Concat``, ``Expand`` copies of the grouped KV cache, mask,
 softmax, two ``MatMul``s) is found by structure from each ``Softmax`` and replaced by one
 ``GroupQueryAttention`` with ``do_rotary`` (cos/sin tables of ``max_seq`` positions built from
-the graph's ``inv_freq``); past/present cache tensors keep their names and meaning.
+the graph's ``inv_freq``). Past/present cache tensors keep their names; the number of valid
+cache positions becomes an input, ``cache_length``, so that a caller can keep the cache in one
+fixed-capacity buffer per tensor that the attention extends in place.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import onnx_ir as ir
 
 from lowbit.backends._ort_match import (MSFT, FusionReport, const, heads_view, initializer,
                                         ints, prod, replace_value, split_const)
+from lowbit.backends.onnxruntime import CACHE_LENGTH
 
 __all__ = ["fuse_attention"]
 
@@ -178,7 +181,7 @@ def fuse_attention(graph: ir.Graph, max_seq: int, report: FusionReport) -> None:
         return
     first = next(iter(graph))
     ids = next(v for v in graph.inputs if v.name == "input_ids")
-    lengths = _total_and_seqlens(graph, first, ids, plans[0].past_key)
+    lengths = _total_and_seqlens(graph, first, ids)
     tables = {}
     for p in plans:
         key = p.inv_freq.tobytes()
@@ -199,16 +202,25 @@ def fuse_attention(graph: ir.Graph, max_seq: int, report: FusionReport) -> None:
         report.add("group_query_attention")
 
 
-def _total_and_seqlens(graph, first, ids, past_key) -> tuple[ir.Value, ir.Value]:
-    """``seqlens_k = past + seq - 1`` per batch row and ``total = past + seq`` (int32)."""
-    nodes = [ir.node("Shape", [past_key], attributes={"start": 2, "end": 3}),
-             ir.node("Shape", [ids], attributes={"start": 1, "end": 2}),
+def _total_and_seqlens(graph, first, ids) -> tuple[ir.Value, ir.Value]:
+    """``seqlens_k = past + seq - 1`` per batch row and ``total = past + seq`` (int32), where
+    ``past`` is the new graph input :data:`CACHE_LENGTH` (int64 ``[1]``): the number of
+    valid positions at the start of the cache tensors.
+
+    The length comes from an input rather than the cache's shape so that the cache can be a
+    fixed-capacity buffer that ``GroupQueryAttention`` extends in place (present bound to the
+    past's memory through I/O binding); with exactly-sized past tensors it equals their length.
+    """
+    length = ir.Value(name=CACHE_LENGTH, shape=ir.Shape([1]),
+                      type=ir.TensorType(ir.DataType.INT64))
+    graph.inputs.append(length)
+    nodes = [ir.node("Shape", [ids], attributes={"start": 1, "end": 2}),
              ir.node("Shape", [ids], attributes={"start": 0, "end": 1})]
-    total = ir.node("Add", [nodes[0].outputs[0], nodes[1].outputs[0]])
+    total = ir.node("Add", [length, nodes[0].outputs[0]])
     total32 = ir.node("Cast", [total.outputs[0]], attributes={"to": ir.DataType.INT32})
     one = initializer(graph, "gqa_one", np.array([1], np.int32))
     last = ir.node("Sub", [total32.outputs[0], one])
-    seqlens = ir.node("Expand", [last.outputs[0], nodes[2].outputs[0]])
+    seqlens = ir.node("Expand", [last.outputs[0], nodes[1].outputs[0]])
     scalar = ir.node("Squeeze", [total32.outputs[0]])
     new = [*nodes, total, total32, last, seqlens, scalar]
     for i, n in enumerate(new):

@@ -12,8 +12,10 @@ replaces them:
   residual reads (ONNX Runtime 1.32 does not make this fusion itself on these graphs; one
   node instead of two per norm, ~2 % of a SmolLM2 decode step);
 * rotary embedding + causal attention over the cache -> ``com.microsoft.GroupQueryAttention``
-  (``do_rotary=1`` with cos/sin tables of ``max_seq`` positions, past/present cache tensors
-  unchanged: the artifact's inputs and outputs keep their names, shapes and meaning);
+  (``do_rotary=1`` with cos/sin tables of ``max_seq`` positions; past/present cache tensors
+  keep their names, and one input is added, ``cache_length``: the valid positions of the
+  past, so that the cache can live in fixed-capacity buffers extended in place, see
+  :class:`lowbit.backends.onnxruntime.StaticCacheDecoder`);
 * q/k/v ``MatMulNBits`` reading one input -> one ``MatMulNBits`` whose packed output feeds the
   attention (packed QKV); other sibling ``MatMulNBits`` (gate/up) -> one node and a ``Split``.
 
