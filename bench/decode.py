@@ -8,9 +8,10 @@ accuracy_level 0 and 4: one compile, the level is an attribute of the saved grap
 Columns: WikiText-2 perplexity (``--windows`` of 512, PROTOCOL: 64), artifact bytes (the
 ``.onnx`` file; the torch row counts its tensors), prefill of 512 tokens, decode of one token
 on a 128-token cache, tokens/s of that decode, decode on 512- and 1024-token caches
-(flatness; ONNX Runtime rows step the way ``generate()`` does, with the cache in fixed buffers
-extended in place, or with ``--copy-cache`` through separate past/present tensors), and greedy
-agreement with fp32 torch (``--prompts`` WikiText-2 test lines cut to
+(flatness; ``decode_growth`` is the longest context's step over the shortest's; ONNX Runtime
+rows step the way ``generate()`` does, with the cache in fixed buffers extended in place, and
+``--copy-cache`` adds rows stepping the same artifacts through separate past/present tensors),
+and greedy agreement with fp32 torch (``--prompts`` WikiText-2 test lines cut to
 32 tokens, 32 new tokens each: the share of prompts whose continuation is identical, and the
 mean share of tokens generated before the first difference).
 
@@ -126,16 +127,15 @@ def onnx_bytes(cm: CompiledModel) -> int:
 class Timer:
     """Round-robin latency probes of many variants (see the module docstring)."""
 
-    def __init__(self, vocab: int, contexts: list[int], prefill: int, copy_cache: bool = False):
+    def __init__(self, vocab: int, contexts: list[int], prefill: int):
         self.vocab, self.contexts, self.prefill = vocab, contexts, prefill
-        self.copy_cache = copy_cache
         self.probes: dict[tuple[str, str], object] = {}
 
-    def add(self, name: str, cm: CompiledModel) -> None:
+    def add(self, name: str, cm: CompiledModel, copy_cache: bool = False) -> None:
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(3, self.vocab, (1, max(self.prefill, *self.contexts) + 1),
                             generator=gen)
-        if getattr(cm.executable, "static_cache", False) and not self.copy_cache:
+        if getattr(cm.executable, "static_cache", False) and not copy_cache:
             make = cm.executable.cached_decoder
             # what generate() runs: the cache in fixed buffers extended in place; each timed
             # call rewinds to the context and writes the same position again
@@ -201,8 +201,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--no-ort-rtn", action="store_true", help="skip ORT's own quantizer row")
     ap.add_argument("--copy-cache", action="store_true",
-                    help="time ORT steps with separate past/present tensors (a copy of the "
-                         "cache per step) instead of the in-place cache generate() uses")
+                    help="also time each in-place ORT row with separate past/present tensors "
+                         "(the cache copied into new tensors each step), in the same rounds")
     ap.add_argument("--save", help="save each ORT artifact under this directory")
     ap.add_argument("--load", help="load PRESET from DIR/PRESET where saved (--save) "
                                    "instead of compiling it")
@@ -260,14 +260,22 @@ def main() -> None:
                 round(x, 3) for x in agreement(cm, prompts, reference, a.new_tokens))
         rows.append(row)
     _log("timing (round-robin)")
-    timer = Timer(vocab, contexts, 512, a.copy_cache)
+    timer = Timer(vocab, contexts, 512)
     for i, (_, _, cm) in enumerate(variants):
         timer.add(str(i), cm)
+    for i, (name, backend, cm) in enumerate(variants if a.copy_cache else []):
+        if getattr(cm.executable, "static_cache", False):
+            timer.add(str(len(rows)), cm, copy_cache=True)
+            rows.append({"variant": name, "backend": f"{backend}, copying cache",
+                         "bytes": rows[i]["bytes"]})
     times = timer.run(a.runs)
     for i, row in enumerate(rows):
         row.update({k: round(statistics.median(v), 2) for (n, k), v in times.items()
                     if n == str(i)})
         row["tokens_per_s"] = round(1e3 / row[f"decode_{contexts[0]}_ms"], 1)
+        if len(contexts) > 1:        # flatness: the longest context's step over the shortest's
+            row["decode_growth"] = round(row[f"decode_{contexts[-1]}_ms"]
+                                         / row[f"decode_{contexts[0]}_ms"], 3)
     base = next(i for i, r in enumerate(rows)
                 if r["variant"] == "fp32" and r["backend"] == "onnxruntime")
     key = f"decode_{contexts[0]}_ms"
@@ -281,7 +289,8 @@ def main() -> None:
     print()
     columns = ["variant", "backend", "ppl", "bytes", "prefill_512_ms",
                f"decode_{contexts[0]}_ms", "tokens_per_s",
-               *(f"decode_{c}_ms" for c in contexts[1:]), "decode_ratio_vs_fp32_ort",
+               *(f"decode_{c}_ms" for c in contexts[1:]), "decode_growth",
+               "decode_ratio_vs_fp32_ort",
                "greedy_identical", "greedy_prefix"]
     print(format_table(rows, [c for c in columns if any(c in r for r in rows)]))
 
