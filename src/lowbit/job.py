@@ -20,9 +20,16 @@ def latency(fn, vocab: int, seq: int, runs: int = 5) -> float:
 
 
 def decode_latency(cm, vocab: int, context: int = 128, runs: int = 5) -> float:
-    """Median ms of one cached decode step after ``context`` tokens (PROTOCOL: 128)."""
+    """Median ms of one cached decode step after ``context`` tokens (PROTOCOL: 128), stepped
+    the way ``generate()`` steps it (in place where the artifact offers a cached decoder)."""
     cache = cm.cache
     ids = torch.randint(3, vocab, (1, context + 1), generator=torch.Generator().manual_seed(0))
+    make = getattr(cm.executable, "cached_decoder", None)
+    decoder = make(1, context + 1) if make is not None else None
+    if decoder is not None:
+        decoder(ids[:, :context])
+        return median_ms(lambda: (decoder.rewind(context), decoder(ids[:, context:])),
+                         runs=runs)
     _, *present = cm.executable({"input_ids": ids[:, :context], **cache.empty(1)})
     feeds = {"input_ids": ids[:, context:], **dict(zip(cache.input_names, present))}
     return median_ms(lambda: cm.executable(feeds), runs=runs)

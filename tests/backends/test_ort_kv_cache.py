@@ -191,3 +191,18 @@ def test_unfused_artifact_generates_but_ships_no_script(fp32_unfused, tmp_path):
     with pytest.warns(UserWarning, match="generate.py is not shipped.*fuse"):
         out = fp32_unfused.save(tmp_path / "unfused")
     assert not (out / "generate.py").exists()
+
+
+def test_decode_latency_steps_like_generate(fp32, fp32_unfused, monkeypatch):
+    """``lowbit bench`` / the main job time a decode step the way generate() takes it."""
+    from lowbit.backends.onnxruntime import StaticCacheDecoder
+    from lowbit.job import decode_latency
+    steps = []
+    real = StaticCacheDecoder.__call__
+    monkeypatch.setattr(StaticCacheDecoder, "__call__",
+                        lambda self, ids: steps.append(ids.shape[1]) or real(self, ids))
+    assert decode_latency(fp32, 128, context=16, runs=5) > 0
+    assert steps[0] == 16 and set(steps[1:]) == {1} and len(steps) >= 1 + 5   # in place
+    steps.clear()
+    assert decode_latency(fp32_unfused, 128, context=16, runs=5) > 0           # copying
+    assert steps == []
