@@ -56,15 +56,16 @@ def _integer_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  in_features: int, bits: int, group_size: int, act_bits: int,
-                 act_clip: float = 1.0) -> torch.Tensor:
+                 act_clip: float = 1.0, act_symmetric: bool = True) -> torch.Tensor:
     """``y = x @ dequant(W)^T + b``; with ``act_bits`` > 0, x is first quantized per token
-    (range ``act_clip * max|x|``)."""
+    (range ``act_clip * max|x|``, or with ``act_symmetric=False`` the clipped ``[min, max]``
+    with a zero point: :func:`lowbit.numerics.quant.quantize_activation_per_token`)."""
     if act_bits and scales.shape[1] == 1:
         y = _integer_linear(x, qweight, scales, zero_points, in_features, bits, act_bits,
                             act_clip)
     else:
         if act_bits:
-            xq, s = quantize_activation_per_token(x, act_bits, act_clip)
+            xq, s = quantize_activation_per_token(x, act_bits, act_clip, act_symmetric)
             x = xq * s
         w = dequantize_packed(qweight, scales, zero_points, in_features, bits, group_size)
         y = torch.nn.functional.linear(x, w.to(x.dtype))
@@ -75,7 +76,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 @quant_linear.register_fake
 def _quant_linear_fake(x, qweight, scales, zero_points, bias, in_features, bits, group_size,
-                       act_bits, act_clip=1.0):
+                       act_bits, act_clip=1.0, act_symmetric=True):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 

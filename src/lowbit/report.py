@@ -57,7 +57,10 @@ def format_report(manifest: Mapping) -> str:
     layers = m.get("layers", {})
     if layers:
         kinds = Counter(f"W{v['bits']}A{v['act_bits'] or 16} g{v['group_size']} "
-                        f"{'sym' if v['symmetric'] else 'asym'}" for v in layers.values())
+                        f"{'sym' if v['symmetric'] else 'asym'}"
+                        + ("" if v.get("act_symmetric", True) or not v["act_bits"]
+                           else ", activations asym")
+                        for v in layers.values())
         out += ["layers", *(f"  {n:>4} x {k}" for k, n in sorted(kinds.items()))]
     assigned = bit_assignment(m)
     if assigned:

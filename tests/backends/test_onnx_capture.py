@@ -94,6 +94,22 @@ def test_smooth_and_ocs_run_on_onnx(llama_onnx):
     assert passes["ocs"]["metrics"]["total_channels_added"] > 0
 
 
+def test_asymmetric_activations_on_the_onnx_path_match_the_fx_path(llama_onnx):
+    """The ONNX-graph builder's per-token [min, max] fake quantization is the FX path's."""
+    recipe = {"passes": [{"rtn": {"bits": 4, "group_size": 32}},
+                         {"act_quant": {"bits": 4, "integer_only": False, "clip_ratio": 0.9,
+                                        "symmetric": False}}, "pack"]}
+    onnx_cm = lowbit.compile(str(llama_onnx), recipe=recipe, progress=False)
+    fx_cm = lowbit.compile(tiny_llama(), recipe=recipe, target="torch", kv_cache=False,
+                           progress=False)
+    got, ref = onnx_cm(IDS), fx_cm(IDS)
+    err = float((got - ref).abs().max() / ref.abs().max())
+    assert err <= 2e-3, err              # a last-ulp scale may flip a rounding, no more
+    fp = lowbit.compile(tiny_llama(), recipe="fp32", target="torch", kv_cache=False,
+                        progress=False)(IDS)
+    assert float((fp - ref).abs().max() / ref.abs().max()) > 10 * err     # it quantizes
+
+
 def test_saved_artifact_reloads(llama_onnx, tmp_path):
     cm = lowbit.compile(str(llama_onnx), recipe="w4a16-rtn", progress=False)
     out = cm.save(tmp_path / "art")

@@ -263,20 +263,23 @@ def test_4_bit_weights_with_activations_need_a_matmulnbits_block(mlp, mlp_input)
                        progress=False)
 
 
-@pytest.mark.parametrize("act_bits,weights,clip", [(4, {"bits": 4, "group_size": 32}, 0.9),
-                                                   (8, {"bits": 4, "group_size": 32}, 1.0),
-                                                   (4, {"bits": 3, "group_size": 32}, 1.0),
-                                                   (8, {"bits": 8, "group_size": None,
-                                                        "symmetric": True}, 0.8)])
-def test_fake_quantized_activations_agree_with_the_reference(act_bits, weights, clip):
+@pytest.mark.parametrize("act_bits,weights,clip,sym", [
+    (4, {"bits": 4, "group_size": 32}, 0.9, True),
+    (8, {"bits": 4, "group_size": 32}, 1.0, True),
+    (4, {"bits": 3, "group_size": 32}, 1.0, True),
+    (8, {"bits": 8, "group_size": None, "symmetric": True}, 0.8, True),
+    (4, {"bits": 4, "group_size": 32}, 0.9, False),       # asymmetric activations
+    (4, {"bits": 4, "group_size": 32}, 1.0, False)])
+def test_fake_quantized_activations_agree_with_the_reference(act_bits, weights, clip, sym):
     recipe = {"passes": [{"rtn": weights},
                          {"act_quant": {"bits": act_bits, "integer_only": False,
-                                        "clip_ratio": clip}}, "pack"]}
+                                        "clip_ratio": clip, "symmetric": sym}}, "pack"]}
     ids = random_ids(2, 16, seed=5)
     cms = {t: lowbit.compile(tiny_llama(), recipe=recipe, target=t, progress=False)
            for t in ("onnxruntime", "torch")}
     layers = [q for q in cms["torch"].manifest["layers"].values() if "bits" in q]
-    assert {(q["act_bits"], q["act_clip"]) for q in layers} == {(act_bits, clip)}
+    assert {(q["act_bits"], q["act_clip"], q["act_symmetric"]) for q in layers} == {
+        (act_bits, clip, sym)}
     ref, ort = cms["torch"](ids), cms["onnxruntime"](ids)
     # a per-token scale differing in the last ulp may flip one rounding: allow a few
     # elements, but the bulk must agree to float rounding

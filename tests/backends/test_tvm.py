@@ -112,6 +112,17 @@ def test_unknown_option_is_refused():
                        backend_options={"mcpus": "native"}, progress=False)
 
 
+def test_asymmetric_activations_are_refused_naming_the_layer():
+    recipe = {"passes": [{"rtn": {"bits": 4, "group_size": 32}},
+                         {"act_quant": {"bits": 4, "integer_only": False, "symmetric": False}},
+                         "pack"]}
+    cm = lowbit.compile(tiny_llama(**LLAMA), recipe=recipe, target="torch", kv_cache=False,
+                        progress=False)
+    with pytest.raises(lowbit.LoweringError,
+                       match=r"layer 'model\.layers\.0\..*asymmetric.*Fix: act_quant"):
+        lowbit.relower(cm, "llvm")
+
+
 def _has_cuda_device() -> bool:
     import tvm
     try:

@@ -48,10 +48,24 @@ def quant_linear_translation(accuracy_level: int):
     msft = onnxscript.values.Opset("com.microsoft", 1)
 
     def quant_linear(x, qweight, scales, zero_points, bias, in_features, bits, group_size,
-                     act_bits, act_clip=1.0):
+                     act_bits, act_clip=1.0, act_symmetric=True):
         n = qweight.shape[0]
         integer = act_bits == 8 and bits == 8 and scales.shape[1] == 1
-        if act_bits and not integer:
+        if act_bits and not act_symmetric:
+            # per-token [min, max] grid with a zero point, as quantize_activation_per_token
+            top = float(2 ** act_bits - 1)
+            zero, last = op.Constant(value_float=0.0), op.Constant(value_ints=[-1])
+            lo = op.Min(op.ReduceMin(x, last, keepdims=1), zero)
+            hi = op.Max(op.ReduceMax(x, last, keepdims=1), zero)
+            if act_clip != 1.0:
+                lo = op.Mul(lo, op.Constant(value_float=float(act_clip)))
+                hi = op.Mul(hi, op.Constant(value_float=float(act_clip)))
+            s = op.Div(op.Max(op.Sub(hi, lo), op.Constant(value_float=1e-8)),
+                       op.Constant(value_float=top))
+            z = op.Round(op.Div(op.Neg(lo), s))
+            q = op.Clip(op.Add(op.Round(op.Div(x, s)), z), zero, op.Constant(value_float=top))
+            x = op.Mul(op.Sub(q, z), s)
+        elif act_bits and not integer:
             # no integer kernel for this pairing: quantize-dequantize x per token (as the
             # torch reference does), then the weight-only kernel
             qmax = float(2 ** (act_bits - 1) - 1)

@@ -54,11 +54,11 @@ class Builder:
     def ints(self, key: str, values) -> ir.Value:
         return self.const(key, np.asarray(values, dtype=np.int64))
 
-    def reduce_max_last(self, x: ir.Value) -> ir.Value:
-        """``max(x, axis=-1, keepdims)`` in the form the model's opset defines."""
+    def reduce_max_last(self, x: ir.Value, op: str = "ReduceMax") -> ir.Value:
+        """``max(x, axis=-1, keepdims)`` (or ``op="ReduceMin"``) in the model opset's form."""
         if self.opset >= 18:
-            return self("ReduceMax", x, self.ints("axes", [-1]), keepdims=1)
-        return self("ReduceMax", x, axes=[-1], keepdims=1)
+            return self(op, x, self.ints(f"{op}_axes", [-1]), keepdims=1)
+        return self(op, x, axes=[-1], keepdims=1)
 
     def reduce_mean_last(self, x: ir.Value) -> ir.Value:
         if self.opset >= 18:
@@ -80,7 +80,22 @@ def _per_token_scale(b: Builder, x: ir.Value, qmax: float, clip: float) -> ir.Va
     return b("Div", a, b.const("qmax", np.float32(qmax)))
 
 
-def _fake_quant(b: Builder, x: ir.Value, bits: int, clip: float) -> ir.Value:
+def _fake_quant(b: Builder, x: ir.Value, bits: int, clip: float,
+                symmetric: bool = True) -> ir.Value:
+    if not symmetric:      # quantize_activation_per_token(symmetric=False), op for op
+        top = float(2 ** bits - 1)
+        zero = b.const("zero", np.float32(0.0))
+        lo = b("Min", b.reduce_max_last(x, "ReduceMin"), zero)
+        hi = b("Max", b.reduce_max_last(x), zero)
+        if clip != 1.0:
+            c = b.const("clip", np.float32(clip))
+            lo, hi = b("Mul", lo, c), b("Mul", hi, c)
+        s = b("Div", b("Max", b("Sub", hi, lo), b.const("eps", np.float32(1e-8))),
+              b.const("top", np.float32(top)))
+        z = b("Round", b("Div", b("Neg", lo), s))
+        q = b("Clip", b("Add", b("Round", b("Div", x, s)), z),
+              b.const("lo", np.float32(0.0)), b.const("hi", np.float32(top)))
+        return b("Mul", b("Sub", q, z), s)
     qmax = float(2 ** (bits - 1) - 1)
     s = _per_token_scale(b, x, qmax, clip)
     q = b("Clip", b("Round", b("Div", x, s)), b.const("lo", np.float32(-qmax)),
@@ -124,7 +139,7 @@ def quant_linear(b: Builder, x: ir.Value, p: PackedLinear, bias: ir.Value | None
         y = _integer(b, x, p)
     else:
         if p.act_bits:
-            x = _fake_quant(b, x, p.act_bits, p.act_clip)
+            x = _fake_quant(b, x, p.act_bits, p.act_clip, p.act_symmetric)
         ins = [x, b.const("qweight", p.qweight), b.const("scales", p.scales)]
         if p.zero_points is not None:
             ins.append(b.const("zero_points", p.zero_points))

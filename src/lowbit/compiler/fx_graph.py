@@ -297,7 +297,8 @@ class FxGraph:
                 torch.ops.lowbit.quant_linear.default,
                 (x, args["qweight"], args["scales"], args["zero_points"], args.get("bias"),
                  packed.in_features, packed.bits, packed.group_size, packed.act_bits,
-                 float(packed.act_clip)))
+                 float(packed.act_clip))
+                + (() if packed.act_symmetric else (False,)))
         new.meta.update(n.meta)
         new.meta["lowbit_created_by"] = created_by
         new.meta["lowbit_source"] = site.name
@@ -344,6 +345,7 @@ class FxGraph:
                 out[n.name] = {"name": n.meta.get("lowbit_source", n.name), "bits": bits,
                                "group_size": group, "act_bits": act_bits,
                                "act_clip": act_clip,
+                               "act_symmetric": bool(n.args[10]) if len(n.args) > 10 else True,
                                "in_features": in_f, "out_features": int(qweight.shape[0]),
                                "symmetric": n.args[3] is None,
                                "created_by": n.meta.get("lowbit_created_by")}

@@ -43,6 +43,7 @@ class PackedLinear:
     group_size: int
     act_bits: int = 0
     act_clip: float = 1.0           # activation range = act_clip * max|x| per token
+    act_symmetric: bool = True      # False: per-token [min, max] grid with a zero point
 
     @property
     def out_features(self) -> int:

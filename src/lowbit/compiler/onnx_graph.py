@@ -261,6 +261,7 @@ class OnnxGraph:
         lin = self._linear(site)
         attrs = {"name": site.name, "bits": packed.bits, "group_size": packed.group_size,
                  "act_bits": packed.act_bits, "act_clip": float(packed.act_clip),
+                 "act_symmetric": packed.act_symmetric,
                  "in_features": packed.in_features, "out_features": packed.out_features,
                  "symmetric": packed.zero_points is None, "created_by": created_by}
         self.model.opset_imports.setdefault(build.MSFT, 1)

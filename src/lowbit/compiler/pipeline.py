@@ -82,8 +82,9 @@ def _versions() -> dict[str, str]:
 
 
 def _layer_table(graph) -> dict[str, dict]:
-    return {v["name"]: {k: v[k] for k in ("bits", "group_size", "act_bits", "act_clip", "symmetric",
-                                           "in_features", "out_features")}
+    keys = ("bits", "group_size", "act_bits", "act_clip", "symmetric", "in_features",
+            "out_features")
+    return {v["name"]: {**{k: v[k] for k in keys}, "act_symmetric": v.get("act_symmetric", True)}
             for v in graph.quant_linears().values()}
 
 

@@ -117,16 +117,37 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     return w.reshape(qw.out_features, -1)[:, : qw.in_features].to(dtype)
 
 
-def quantize_activation_per_token(x: torch.Tensor, bits: int = 8, clip: float = 1.0
-                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric per-token quantization: ``x ~= xq * s``.
+def quantize_activation_per_token(x: torch.Tensor, bits: int = 8, clip: float = 1.0,
+                                  symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantization: ``x ~= xq * s``.
 
-    ``s = max(max|x| over the last dim, 1e-8) * clip / (2**(bits-1) - 1)`` (``clip < 1``
-    saturates the largest values of each token to round the rest finer),
-    ``xq = clamp(round(x / s), -(2**(bits-1) - 1), 2**(bits-1) - 1)`` (round half to even),
-    computed in float32 exactly as the ONNX Runtime lowering does. Returns ``(xq, s)`` with
+    Symmetric: ``s = max(max|x| over the last dim, 1e-8) * clip / (2**(bits-1) - 1)``
+    (``clip < 1`` saturates the largest values of each token to round the rest finer),
+    ``xq = clamp(round(x / s), -(2**(bits-1) - 1), 2**(bits-1) - 1)`` (round half to even).
+
+    Asymmetric (``symmetric=False``): the grid spans ``[lo, hi]`` with
+    ``lo = min(min x, 0) * clip``, ``hi = max(max x, 0) * clip``:
+    ``s = max(hi - lo, 1e-8) / (2**bits - 1)``, zero point ``z = round(-lo / s)``,
+    ``xq = clamp(round(x / s) + z, 0, 2**bits - 1) - z`` (all ``2**bits`` levels used; a token
+    whose values are mostly of one sign gets a finer step).
+
+    Computed in float32 exactly as the ONNX Runtime lowering does. Returns ``(xq, s)`` with
     ``xq`` holding integer values in a float tensor and ``s`` shaped ``[..., 1]``.
+
+    >>> x = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    >>> xq, s = quantize_activation_per_token(x, 2, symmetric=False)
+    >>> (xq * s).tolist()
+    [[0.0, 1.0, 2.0, 3.0]]
     """
+    if not symmetric:
+        top = float(2 ** bits - 1)
+        lo = torch.clamp(x.amin(-1, keepdim=True), max=0.0)
+        hi = torch.clamp(x.amax(-1, keepdim=True), min=0.0)
+        if clip != 1.0:
+            lo, hi = lo * clip, hi * clip
+        s = torch.clamp(hi - lo, min=1e-8) / top
+        z = torch.round(-lo / s)
+        return torch.clamp(torch.round(x / s) + z, 0.0, top) - z, s
     qmax = float(2 ** (bits - 1) - 1)
     a = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-8)
     s = (a * clip if clip != 1.0 else a) / qmax

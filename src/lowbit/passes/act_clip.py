@@ -43,7 +43,7 @@ class ActClipOptions:
 
 
 def activation_clip_errors(x: torch.Tensor, w_q: torch.Tensor, w: torch.Tensor, bits: int,
-                           grid: tuple[float, ...]) -> torch.Tensor:
+                           grid: tuple[float, ...], symmetric: bool = True) -> torch.Tensor:
     """``err[i] = ||Q_{grid[i]}(x) @ w_q^T - x @ w^T||^2`` for tokens ``x [T, K]``, quantized
     and float weights ``w_q, w [N, K]``.
 
@@ -54,7 +54,7 @@ def activation_clip_errors(x: torch.Tensor, w_q: torch.Tensor, w: torch.Tensor, 
     ref = x @ w.T
     errs = []
     for r in grid:
-        xq, s = quantize_activation_per_token(x, bits, r)
+        xq, s = quantize_activation_per_token(x, bits, r, symmetric)
         errs.append(((xq * s) @ w_q.T - ref).double().pow(2).sum())
     return torch.stack(errs)
 
@@ -77,6 +77,7 @@ def act_clip(graph, ctx) -> PassResult:
     """Pick, per quantized linear, the activation clip ratio of least output error."""
     o = ctx.options
     plan = ctx.analysis["activation_quant"]
+    asymmetric = ctx.analysis.get("activation_asymmetric", set())
     qws = ctx.analysis["quantized_weights"]
     sites = [s for s in graph.linears() if s.node in plan]
     weights = {s.node: (dequantize_weight(qws[s.node]), graph.linear_weight(s).float())
@@ -92,7 +93,7 @@ def act_clip(graph, ctx) -> PassResult:
             xs = sample(x)
             for s in sites_of_input:
                 errors[s.node] += activation_clip_errors(xs, *weights[s.node], plan[s.node],
-                                                         o.grid)
+                                                         o.grid, s.node not in asymmetric)
         return update
 
     observe = {node: observer(ss) for node, ss in readers.items()}

@@ -62,13 +62,15 @@ def lowbit_presets():
                "int4 weights (group 128, asymmetric) by rotation + GPTQ, int8 activations "
                "per token (dynamic; fake-quantized before the weight-only kernel)"),
         # group 64: 39.764 against 39.989 at group 128, and smaller on SmolLM2 (576 is 9
-        # groups of 64 but 4.5 of 128, padded to 5): docs/results.md
+        # groups of 64 but 4.5 of 128, padded to 5); asymmetric activations: see
+        # docs/results.md (W4A4 table)
         Recipe("w4a4", (PassSpec("rotate"), PassSpec("gptq", {**_GPTQ, "group_size": 64}),
-                        PassSpec("act_quant", {"bits": 4, "integer_only": False}),
+                        PassSpec("act_quant", {"bits": 4, "integer_only": False,
+                                               "symmetric": False}),
                         PassSpec("act_clip"), PassSpec("pack")),
-               "int4 weights (group 64, asymmetric) by rotation + GPTQ, int4 activations "
-               "per token (dynamic; fake-quantized before the weight-only kernel) with a "
-               "clip ratio per layer searched on calibration data (act_clip)"),
+               "int4 weights (group 64, asymmetric) by rotation + GPTQ, int4 asymmetric "
+               "activations per token (dynamic; fake-quantized before the weight-only kernel) "
+               "with a clip ratio per layer searched on calibration data (act_clip)"),
         Recipe("w4a16-rtn", (PassSpec("rtn", _W4), PassSpec("pack")),
                "int4 weights (group 128, asymmetric) by round-to-nearest: no calibration data"),
         Recipe("w3a16", (PassSpec("rotate"), PassSpec("gptq", {**_GPTQ, "bits": 3}),

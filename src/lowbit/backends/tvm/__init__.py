@@ -123,6 +123,12 @@ def _lower(kind: str, graph, spec: ModelSpec, options: Mapping):
     target = resolve_target(kind, opts)
     accuracy = opts.get("accuracy", "float")
     _check_accuracy(target, accuracy)
+    for node, q in graph.quant_linears().items():
+        if q["act_bits"] and not q.get("act_symmetric", True):
+            raise LoweringError(
+                f"layer '{q['name']}' (node {node}): asymmetric per-token activations "
+                "(act_quant symmetric: false) are not lowered to TVM yet. Fix: act_quant with "
+                "symmetric: true, or target='onnxruntime' / 'torch'")
     mod, params = import_graph(graph.sync(), spec, cpu=kind == "llvm", accuracy=accuracy)
     try:
         library, lowering = _build_recorded(mod, target, spec.cache is not None)
