@@ -294,3 +294,16 @@ def test_block_size_matmulnbits_cannot_run_is_refused_naming_the_layer():
     with pytest.raises(lowbit.LoweringError, match=r"layer 'model\.layers\.0\..*MatMulNBits"):
         lowbit.compile(tiny_llama(hidden_size=96), recipe=recipe, target="onnxruntime",
                        progress=False)
+
+
+@pytest.mark.parametrize("target", ["torch", "onnxruntime"])
+def test_asymmetric_activations_survive_save_and_load(target, tmp_path):
+    recipe = {"passes": [{"rtn": {"bits": 4, "group_size": 32}},
+                         {"act_quant": {"bits": 4, "integer_only": False, "symmetric": False}},
+                         "pack"]}
+    cm = lowbit.compile(tiny_llama(), recipe=recipe, target=target, progress=False)
+    again = lowbit.load(cm.save(tmp_path / "asym"))
+    ids = random_ids(2, 12, seed=3)
+    assert torch.equal(again(ids), cm(ids))
+    assert {q["act_symmetric"] for q in again.manifest["layers"].values()} == {False}
+    assert "W4A4 g32 asym, activations asym" in again.report()
