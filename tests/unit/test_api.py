@@ -35,7 +35,7 @@ def test_compile_end_to_end_matches_the_fake_quantized_model(w8a16):
     assert len(layers) == 14 and "lm_head" not in layers
     assert layers["model.layers.0.mlp.down_proj"] == {
         "bits": 8, "group_size": 128, "act_bits": 0, "act_clip": 1.0, "symmetric": True,
-        "in_features": 128, "out_features": 64}
+        "in_features": 128, "out_features": 64, "act_symmetric": True}
     ids = random_ids(2, 23, seed=11)
     logits = cm(ids)
     assert logits.shape == (2, 23, 128)
