@@ -17,8 +17,16 @@ Clipping search: per row and group, the range ratio ``r`` from ``ratios`` minimi
 Hessian-weighted error ``e H_gg e^T`` of that group (``e = w - Q_r(w)``), which is the output
 error of the group up to cross-group terms.
 
+Scale refinement (``refine_scales``): with GPTQ's codes fixed, each row's group scales are
+the exact least-squares fit of the *original* row in the ``H`` metric: ``Q = A s`` with
+``A[c, g] = q_c - z_g`` for column ``c`` of group ``g``, so ``s = (A^T H A)^-1 A^T H w``. The
+grid GPTQ picked for a group when it reached it was fitted to weights that later columns'
+compensation no longer matches; the fit moves each scale to the value that serves the whole
+row's output best, and never increases the output error (the old scales are one candidate).
+
 Example:
     >>> import torch
+    >>> from lowbit.numerics.quant import dequantize_weight
     >>> w, x = torch.randn(16, 64), torch.randn(256, 64)
     >>> h = hessian_from_inputs(x)
     >>> qw = gptq_quantize(w, h, bits=4, group_size=32, symmetric=False)
@@ -32,11 +40,11 @@ from typing import Sequence
 
 import torch
 
-from lowbit.numerics.quant import (QuantizedWeight, dequantize_weight, fake_quantize,
-                                   grid_params, group_layout, quantize_weight)
+from lowbit.numerics.quant import (QuantizedWeight, fake_quantize, grid_params, group_layout,
+                                   quantize_weight)
 
 __all__ = ["hessian_from_inputs", "output_error", "search_clip", "gptq_quantize",
-           "float_target", "DEFAULT_CLIP_RATIOS"]
+           "float_target", "refine_scales", "DEFAULT_CLIP_RATIOS"]
 
 #: GPTQ's working precision. float32 as in the reference implementations: with the damping
 #: the Cholesky factors are well conditioned, and it is ~3x faster than float64 here.
@@ -93,6 +101,74 @@ def float_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float 
     hd = h + lam * torch.eye(h.shape[0], dtype=h.dtype)
     delta = w @ (c - h)                                     # [N, K]
     return w + torch.linalg.solve(hd, delta.T).T            # H symmetric
+
+
+def refine_scales(qw: QuantizedWeight, w: torch.Tensor, h: torch.Tensor) -> QuantizedWeight:
+    """Refit each row's group scales to ``w`` in the ``H`` metric, codes fixed (module doc).
+
+    A row keeps its old scales where the fit is not better, not finite or not positive (a
+    group whose codes all equal its zero point has no scale to fit and keeps its own).
+
+    Example:
+        >>> import torch
+        >>> from lowbit.numerics.quant import dequantize_weight
+        >>> w, x = torch.randn(8, 64, dtype=torch.float64), torch.randn(256, 64)
+        >>> h = hessian_from_inputs(x)
+        >>> qw = gptq_quantize(w, h, bits=3, group_size=16, symmetric=False)
+        >>> rq = refine_scales(qw, w, h)
+        >>> bool(output_error(w, dequantize_weight(rq), h) <= output_error(w, dequantize_weight(qw), h))
+        True
+    """
+    return _refit(qw, _RefitTarget.of(w, h, *qw.codes.shape[1:][::-1]))[0]
+
+
+class _RefitTarget:
+    """``w`` and ``H`` zero-padded to whole groups (float64), with ``w H`` and ``w H w^T`` per
+    row, computed once for every refit of one weight."""
+
+    def __init__(self, wp, hp, wh, c):
+        self.wp, self.hp, self.wh, self.c = wp, hp, wh, c
+
+    @classmethod
+    def of(cls, w: torch.Tensor, h: torch.Tensor, group: int, n_groups: int) -> "_RefitTarget":
+        pad = n_groups * group - w.shape[1]
+        hp = torch.nn.functional.pad(h.to(torch.float64), (0, pad, 0, pad))
+        wp = torch.nn.functional.pad(w.to(torch.float64), (0, pad))
+        wh = wp @ hp                                            # H symmetric
+        return cls(wp, hp, wh, (wp * wh).sum(-1))
+
+
+def _refit(qw: QuantizedWeight, t: _RefitTarget) -> tuple[QuantizedWeight, torch.Tensor]:
+    """:func:`refine_scales` on a prepared target; also returns each row's output error.
+
+    With ``Q = A s``, a row's error is ``w H w^T - 2 s.b + s^T M s`` (``b = A^T H w``,
+    ``M = A^T H A``), so both candidates are scored without another ``K x K`` product.
+    """
+    n, n_groups, group = qw.codes.shape
+    a = qw.codes.to(torch.float64) - qw.zero_points.to(torch.float64)[..., None]  # [N, G, g]
+    hp = t.hp.reshape(n_groups, group, -1)
+    m0 = torch.empty(n, n_groups, n_groups, dtype=torch.float64)
+    for i in range(n_groups):               # M[n, i, j] = a_ni^T H_ij a_nj
+        m0[:, i, :] = ((a[:, i, :] @ hp[i]).reshape(n, n_groups, group) * a).sum(-1)
+    b0 = (t.wh.reshape(n, n_groups, group) * a).sum(-1)
+    old = qw.scales.to(torch.float64)
+    diag = torch.diagonal(m0, dim1=1, dim2=2)
+    empty = diag <= 1e-12 * diag.amax(-1, keepdim=True).clamp(min=1e-300)
+    # an empty group: identity row/column with its old scale as the solution
+    m = torch.where(empty[:, :, None] | empty[:, None, :], torch.zeros_like(m0), m0)
+    m = m + torch.diag_embed(empty.to(m.dtype))
+    new = torch.linalg.solve(m, torch.where(empty, old, b0))
+    ok = torch.isfinite(new).all(-1) & (new > 0).all(-1)
+    new = torch.where(ok[:, None], new, old).to(torch.float32).to(torch.float64)  # as stored
+
+    def err(s):
+        return t.c - 2 * (s * b0).sum(-1) + torch.einsum("ni,nij,nj->n", s, m0, s)
+    err_old, err_new = err(old), err(new)
+    better = err_new < err_old
+    scales = torch.where(better[:, None], new, old).to(torch.float32)
+    return (QuantizedWeight(qw.codes, scales, qw.zero_points, qw.bits, qw.group_size,
+                            qw.in_features, qw.symmetric),
+            torch.where(better, err_new, err_old))
 
 
 def _group_blocks(h: torch.Tensor, group: int, n_groups: int) -> torch.Tensor:
@@ -159,12 +235,19 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None,
                   symmetric: bool, *, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False, clip_ratios: Sequence[float] = (1.0,)
-                  ) -> QuantizedWeight:
-    """GPTQ of ``w [N, K]`` given ``H [K, K]`` (see module doc); returns the integer codes."""
+                  act_order: bool = False, clip_ratios: Sequence[float] = (1.0,),
+                  refine_rounds: int = 0) -> QuantizedWeight:
+    """GPTQ of ``w [N, K]`` given ``H [K, K]`` (see module doc); returns the integer codes.
+
+    ``refine_rounds`` > 0 refits the scales to the original ``w`` afterwards
+    (:func:`refine_scales`, in the damped ``H`` GPTQ used); each further round reruns the
+    column loop on the refitted grids (new codes, same error compensation) and refits again.
+    Each row keeps the round with its least output error.
+    """
     n, k = w.shape
     group, n_groups = group_layout(k, group_size)
     w, h = _prepare(w, h, damp)
+    w_orig, h_damped = w, h
     clip = (search_clip(w, h, bits, group_size, symmetric, clip_ratios)
             if len(clip_ratios) > 1 else torch.ones(n, n_groups, dtype=_DTYPE))
     scales = torch.zeros(n, n_groups, dtype=_DTYPE)
@@ -180,14 +263,44 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
     w, h = w[:, perm], h[perm][:, perm]
     block_size = group * max(1, block_size // group)   # groups never straddle blocks
     u = _inverse_cholesky(h)
+    codes = _single_threaded(_columns, w, u, perm, scales, zeros, have, clip, bits, group,
+                             block_size, symmetric)
+    best = qw = _assemble(codes, scales, zeros, bits, group, k, symmetric)
+    target = _RefitTarget.of(w_orig, h_damped, group, n_groups) if refine_rounds else None
+    best_err = None
+    for r in range(refine_rounds):
+        if r:       # rerun the column loop on the refitted grids
+            scales, zeros = qw.scales.to(_DTYPE).clone(), qw.zero_points.to(_DTYPE).clone()
+            codes = _single_threaded(_columns, w_orig[:, perm].clone(), u, perm, scales, zeros,
+                                     torch.ones(n_groups, dtype=torch.bool), clip, bits, group,
+                                     block_size, symmetric)
+            qw = _assemble(codes, scales, zeros, bits, group, k, symmetric)
+        qw, err = _refit(qw, target)   # never worse than its input, row by row
+        best, best_err = (qw, err) if best_err is None else _better_rows(best, best_err, qw, err)
+    return best
+
+
+def _single_threaded(fn, *args):
+    """The column loop is thousands of tiny ops: threads only stall."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the column loop is thousands of tiny ops: threads only stall
+    torch.set_num_threads(1)
     try:
-        codes = _columns(w, u, perm, scales, zeros, have, clip, bits, group, block_size,
-                         symmetric)
+        return fn(*args)
     finally:
         torch.set_num_threads(threads)
-    return _assemble(codes, scales, zeros, bits, group, k, symmetric)
+
+
+def _better_rows(best: QuantizedWeight, best_err: torch.Tensor, qw: QuantizedWeight,
+                 err: torch.Tensor) -> tuple[QuantizedWeight, torch.Tensor]:
+    """Row by row, the quantization with the smaller output error."""
+    take = err < best_err
+
+    def pick(a, b):
+        return torch.where(take.view(-1, *([1] * (a.dim() - 1))), b, a)
+    return (QuantizedWeight(pick(best.codes, qw.codes), pick(best.scales, qw.scales),
+                            pick(best.zero_points, qw.zero_points), qw.bits, qw.group_size,
+                            qw.in_features, qw.symmetric),
+            torch.minimum(err, best_err))
 
 
 def _columns(w, u, perm, scales, zeros, have, clip, bits, group, block_size, symmetric):

@@ -26,6 +26,9 @@ class GptqOptions(WeightQuantOptions):
     max_batches: int = 32           # calibration batches used
     float_target: bool = False      # fit the float model's outputs, not the layer's own
                                     # (asymmetric calibration, numerics.gptq.float_target)
+    refine_rounds: int = 0          # refit group scales to the original weights, codes fixed;
+                                    # > 1: rerun GPTQ on the refitted grids between refits
+                                    # (numerics.gptq.refine_scales)
 
     def __post_init__(self):
         super().__post_init__()
@@ -33,6 +36,8 @@ class GptqOptions(WeightQuantOptions):
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1 or self.max_batches < 1:
             raise ValueError("block_size and max_batches must be >= 1")
+        if self.refine_rounds < 0:
+            raise ValueError(f"refine_rounds must be >= 0, got {self.refine_rounds}")
 
 
 @graph_pass(name="gptq", numerics="approx", requires=("calibration",),
@@ -45,5 +50,5 @@ def gptq(graph, ctx) -> PassResult:
     def quantize(w, h, bits, group_size):
         return gptq_quantize(w, h, bits, group_size, o.symmetric, damp=o.damp,
                              block_size=o.block_size, act_order=o.act_order,
-                             clip_ratios=ratios)
+                             clip_ratios=ratios, refine_rounds=o.refine_rounds)
     return quantize_sequentially(graph, ctx, "gptq", quantize)
