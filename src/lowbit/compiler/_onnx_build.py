@@ -54,16 +54,12 @@ class Builder:
     def ints(self, key: str, values) -> ir.Value:
         return self.const(key, np.asarray(values, dtype=np.int64))
 
-    def reduce_max_last(self, x: ir.Value, op: str = "ReduceMax") -> ir.Value:
-        """``max(x, axis=-1, keepdims)`` (or ``op="ReduceMin"``) in the model opset's form."""
+    def reduce_last(self, op: str, x: ir.Value) -> ir.Value:
+        """``op(x, axis=-1, keepdims)`` (``ReduceMax``, ``ReduceMin``, ``ReduceMean``) in the
+        form the model's opset defines (axes an input from opset 18)."""
         if self.opset >= 18:
             return self(op, x, self.ints(f"{op}_axes", [-1]), keepdims=1)
         return self(op, x, axes=[-1], keepdims=1)
-
-    def reduce_mean_last(self, x: ir.Value) -> ir.Value:
-        if self.opset >= 18:
-            return self("ReduceMean", x, self.ints("axes", [-1]), keepdims=1)
-        return self("ReduceMean", x, axes=[-1], keepdims=1)
 
     def finish(self, last: ir.Value) -> list[ir.Node]:
         """Name the node producing ``last`` after the group; returns the nodes in order."""
@@ -74,7 +70,7 @@ class Builder:
 
 def _per_token_scale(b: Builder, x: ir.Value, qmax: float, clip: float) -> ir.Value:
     """``s = clip * max(max|x|, 1e-8) / qmax`` per token (as the torch reference computes)."""
-    a = b("Max", b.reduce_max_last(b("Abs", x)), b.const("eps", np.float32(1e-8)))
+    a = b("Max", b.reduce_last("ReduceMax", b("Abs", x)), b.const("eps", np.float32(1e-8)))
     if clip != 1.0:
         a = b("Mul", a, b.const("clip", np.float32(clip)))
     return b("Div", a, b.const("qmax", np.float32(qmax)))
@@ -85,8 +81,8 @@ def _fake_quant(b: Builder, x: ir.Value, bits: int, clip: float,
     if not symmetric:      # quantize_activation_per_token(symmetric=False), op for op
         top = float(2 ** bits - 1)
         zero = b.const("zero", np.float32(0.0))
-        lo = b("Min", b.reduce_max_last(x, "ReduceMin"), zero)
-        hi = b("Max", b.reduce_max_last(x), zero)
+        lo = b("Min", b.reduce_last("ReduceMin", x), zero)
+        hi = b("Max", b.reduce_last("ReduceMax", x), zero)
         if clip != 1.0:
             c = b.const("clip", np.float32(clip))
             lo, hi = b("Mul", lo, c), b("Mul", hi, c)
@@ -173,6 +169,6 @@ def split_channels(b: Builder, x: ir.Value, index: torch.Tensor, keep: torch.Ten
 
 def rms_normalize(b: Builder, x: ir.Value, eps: float, dtype: np.dtype) -> ir.Value:
     """``x * rsqrt(mean(x^2, -1) + eps)``: the decomposed RMS norm exporters produce."""
-    ms = b.reduce_mean_last(b("Pow", x, b.const("two", np.asarray(2.0, dtype=dtype))))
+    ms = b.reduce_last("ReduceMean", b("Pow", x, b.const("two", np.asarray(2.0, dtype=dtype))))
     rs = b("Reciprocal", b("Sqrt", b("Add", ms, b.const("eps", np.asarray(eps, dtype=dtype)))))
     return b("Mul", x, rs)

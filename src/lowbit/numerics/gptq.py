@@ -36,7 +36,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -119,23 +119,23 @@ def refine_scales(qw: QuantizedWeight, w: torch.Tensor, h: torch.Tensor) -> Quan
         >>> bool(output_error(w, dequantize_weight(rq), h) <= output_error(w, dequantize_weight(qw), h))
         True
     """
-    return _refit(qw, _RefitTarget.of(w, h, *qw.codes.shape[1:][::-1]))[0]
+    return _refit(qw, _RefitTarget.of(w, h, qw))[0]
 
 
-class _RefitTarget:
+class _RefitTarget(NamedTuple):
     """``w`` and ``H`` zero-padded to whole groups (float64), with ``w H`` and ``w H w^T`` per
-    row, computed once for every refit of one weight."""
-
-    def __init__(self, wp, hp, wh, c):
-        self.wp, self.hp, self.wh, self.c = wp, hp, wh, c
+    row: computed once for every refit of one weight."""
+    hp: torch.Tensor
+    wh: torch.Tensor
+    c: torch.Tensor
 
     @classmethod
-    def of(cls, w: torch.Tensor, h: torch.Tensor, group: int, n_groups: int) -> "_RefitTarget":
-        pad = n_groups * group - w.shape[1]
+    def of(cls, w: torch.Tensor, h: torch.Tensor, qw: QuantizedWeight) -> "_RefitTarget":
+        pad = qw.codes.shape[1] * qw.codes.shape[2] - w.shape[1]
         hp = torch.nn.functional.pad(h.to(torch.float64), (0, pad, 0, pad))
         wp = torch.nn.functional.pad(w.to(torch.float64), (0, pad))
         wh = wp @ hp                                            # H symmetric
-        return cls(wp, hp, wh, (wp * wh).sum(-1))
+        return cls(hp, wh, (wp * wh).sum(-1))
 
 
 def _refit(qw: QuantizedWeight, t: _RefitTarget) -> tuple[QuantizedWeight, torch.Tensor]:
@@ -266,7 +266,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
     codes = _single_threaded(_columns, w, u, perm, scales, zeros, have, clip, bits, group,
                              block_size, symmetric)
     best = qw = _assemble(codes, scales, zeros, bits, group, k, symmetric)
-    target = _RefitTarget.of(w_orig, h_damped, group, n_groups) if refine_rounds else None
+    target = _RefitTarget.of(w_orig, h_damped, best) if refine_rounds else None
     best_err = None
     for r in range(refine_rounds):
         if r:       # rerun the column loop on the refitted grids
