@@ -12,7 +12,9 @@ it), then imported with a converter map in which
   Hugging Face graphs: a result whose shape it could not simplify (``min(1, s)`` terms from
   the mask arithmetic; TVM does not know ``s >= 2``) is ``match_cast`` to the shape torch
   inferred; ``cumsum`` of a bool tensor is computed in torch's result dtype (the importer
-  keeps ``bool``, which LLVM code generation rejects); negative slice dims are normalised.
+  keeps ``bool``, which LLVM code generation rejects); negative slice dims are normalised;
+  ``x ** n`` for integers ``n <= 4`` is multiplied out (CUDA's fast ``powf`` is NaN for
+  negative ``x``).
 """
 from __future__ import annotations
 
@@ -164,6 +166,10 @@ class _Converters:
         def convert(node, importer):
             if name == "cumsum.default":
                 return self._cumsum(node, importer)
+            if name == "pow.Tensor_Scalar":
+                product = self._integer_power(node, importer)
+                if product is not None:
+                    return product
             if name == "slice.Tensor":
                 sliced = self._slice(node, importer)
                 if sliced is not None:
@@ -175,7 +181,7 @@ class _Converters:
         return convert
 
     def _repair_shape(self, node, importer, result):
-        from tvm import relax, tirx
+        from tvm import relax
         val = node.meta.get("val")
         if not (isinstance(result, relax.Expr) and isinstance(val, torch.Tensor)
                 and isinstance(result.ty, relax.TensorType)):
@@ -211,6 +217,22 @@ class _Converters:
         return importer.block_builder.emit(relax.op.strided_slice(
             importer.env[x_node], axes=[dim], begin=[begin], end=[stop], strides=[1],
             assume_inbound=True))
+
+    def _integer_power(self, node, importer):
+        """``x ** n`` for a small positive integer ``n`` as ``n - 1`` multiplications. The
+        stock ``power`` becomes ``powf``, which CUDA's fast math (TVM compiles kernels with
+        ``--use_fast_math``) computes as ``exp2(n * log2(x))``: NaN for every negative ``x``,
+        so RMSNorm's ``x.pow(2)`` turned half of the hidden state into NaN on a GPU."""
+        from tvm import relax
+        n = node.args[1]
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) \
+                or not 1 <= n <= 4:
+            return None
+        x = importer.env[node.args[0]]
+        bb, out = importer.block_builder, x
+        for _ in range(int(n) - 1):
+            out = bb.emit(relax.op.multiply(out, x))
+        return out
 
     def _cumsum(self, node, importer):
         from tvm import relax
