@@ -2,12 +2,15 @@
 
 Saved as ``model.so`` (``export_library``: host code + device kernels), ``params.safetensors``
 (every weight, packed ones included, in the order ``main`` takes them) and ``tvm.json``
-(target, parameter order). Loading runs the library as it is: nothing is re-compiled.
+(target, parameter order). Loading runs the library as it is (a CUDA library's kernels,
+which TVM's pip wheel keeps as CUDA C source, are compiled for the GPU they load on), and
+needs only TVM's runtime library, not its compiler.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -27,6 +30,57 @@ LIBRARY, PARAMS, META = "model.so", "params.safetensors", "tvm.json"
 def _device(target: Mapping):
     import tvm
     return tvm.cuda(0) if target["kind"] == "cuda" else tvm.cpu(0)
+
+
+def ensure_cuda_runtime() -> None:
+    """Load TVM's CUDA runtime library (``libtvm_runtime_cuda``) if ``import tvm`` did not.
+
+    A full TVM loads it at import; a runtime-only TVM (the package without
+    ``libtvm_compiler``, or ``TVM_USE_RUNTIME_LIB=1``: enough to run a saved artifact) skips
+    every device backend, and ``load_module`` of a CUDA library then fails with "a loader of
+    that name is not registered"."""
+    from tvm import base
+    if "tvm_runtime_cuda" in base._LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+    runtime_dir = Path(base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir],
+            mode="RTLD_LOCAL")
+    except (OSError, RuntimeError) as e:
+        raise RuntimeError(
+            f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda.so next to {runtime_dir}): "
+            f"{e}. It needs the NVIDIA driver (libcuda.so.1) and the CUDA 13 runtime "
+            "(libcudart.so.13) on the loader path (LD_LIBRARY_PATH)") from e
+    if base._RUNTIME_ONLY:
+        _register_nvrtc_for_device()
+
+
+def _register_nvrtc_for_device() -> None:
+    """A CUDA library built where no CUDA runtime is linked (the pip wheel) carries its kernels
+    as CUDA C source, compiled by ``tvm_callback_cuda_compile`` when the library loads. TVM's
+    own callback reads the architecture from the current compilation target, which a
+    runtime-only TVM cannot construct; this one compiles for device 0's architecture with
+    NVRTC (the ``cuda-bindings`` package), or with ``nvcc`` from PATH where that is missing."""
+    import tvm
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    def compile_for_device(code):
+        arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        try:
+            return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
+        except RuntimeError as e:
+            if "cuda-bindings" not in str(e) or shutil.which("nvcc") is None:
+                raise
+        with tempfile.TemporaryDirectory(prefix="lowbit-nvcc-") as d:
+            src, out = Path(d) / "kernels.cu", Path(d) / "kernels.cubin"
+            src.write_text(code)
+            subprocess.run(["nvcc", "--cubin", "-O3", f"-arch={arch}", "-o", str(out), str(src)],
+                           check=True, capture_output=True)
+            return bytearray(out.read_bytes())
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_for_device, override=True)
 
 
 def set_threads(threads: int) -> None:
@@ -61,10 +115,10 @@ class TvmExecutable:
     def _ready(self):
         if self._vm is None:
             import tvm
-            from tvm import relax
+            from tvm.runtime.vm import VirtualMachine   # runtime only: no compiler needed
             set_threads(self.threads)
             dev = _device(self.target)
-            self._vm = relax.VirtualMachine(self.library, dev)
+            self._vm = VirtualMachine(self.library, dev)
             self._device_params = [tvm.runtime.tensor(p.contiguous().numpy(), dev)
                                    for p in self.params]
         return self._vm
@@ -121,6 +175,8 @@ def load(directory: Path, manifest: Mapping, backend: str) -> TvmExecutable:
     spec = ModelSpec(kind=m["kind"], input_names=tuple(m.get("graph_inputs") or m["input_names"]),
                      output_names=tuple(m.get("graph_outputs") or ()),
                      cache=KVCacheSpec.from_dict(m.get("cache")))
+    if meta["target"]["kind"] == "cuda":
+        ensure_cuda_runtime()
     library = tvm.runtime.load_module(str(directory / LIBRARY))
     exe = TvmExecutable(library, params, spec, meta["target"], backend, meta.get("threads", 0),
                         library_path=directory / LIBRARY)

@@ -18,7 +18,7 @@ import torch
 
 from lowbit.backends.tvm.kernels import HadamardSpec, QuantLinearSpec
 
-__all__ = ["compile_quant_linear", "compile_hadamard", "Kernel"]
+__all__ = ["compile_quant_linear", "quant_linear_library", "compile_hadamard", "Kernel"]
 
 
 class Kernel:
@@ -26,12 +26,12 @@ class Kernel:
 
     def __init__(self, library, target: Mapping, threads: int = 0):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine
         from lowbit.backends.tvm._runtime import set_threads
         set_threads(threads)
         self.library = library
         self.device = tvm.cuda(0) if target["kind"] == "cuda" else tvm.cpu(0)
-        self.vm = relax.VirtualMachine(library, self.device)
+        self.vm = VirtualMachine(library, self.device)
 
     def to_device(self, *tensors):
         import tvm
@@ -46,7 +46,8 @@ class Kernel:
         return self.vm["main"]
 
 
-def _build(make_body, arg_types, target, threads, accuracy="float"):
+def _library(make_body, arg_types, target, accuracy="float"):
+    """The built (not yet loaded) library of a one-operator module, and its target."""
     from tvm import relax
     from lowbit.backends.tvm import build, resolve_target
     from lowbit.backends.tvm._emit import Emitter
@@ -58,7 +59,12 @@ def _build(make_body, arg_types, target, threads, accuracy="float"):
         with bb.dataflow():
             out = bb.emit_output(make_body(bb, Emitter(tgt["kind"] == "llvm", accuracy), params))
         bb.emit_func_output(out)
-    return Kernel(build(bb.get(), tgt), tgt, threads)
+    return build(bb.get(), tgt), tgt
+
+
+def _build(make_body, arg_types, target, threads, accuracy="float"):
+    library, tgt = _library(make_body, arg_types, target, accuracy)
+    return Kernel(library, tgt, threads)
 
 
 def compile_quant_linear(spec: QuantLinearSpec, target="llvm", threads: int = 0,
@@ -66,6 +72,25 @@ def compile_quant_linear(spec: QuantLinearSpec, target="llvm", threads: int = 0,
     """``kernel(x [..., K], qweight, scales, zero_points | None, bias | None) -> y [..., N]``
     with a dynamic number of rows; zero_points / bias must match ``spec``; ``accuracy`` as the
     llvm backend option."""
+    types, body = _quant_linear_module(spec)
+    kernel = _build(body, types, target, threads, accuracy)
+    n = spec.out_features
+
+    def run(x, qweight, scales, zero_points=None, bias=None):
+        y = Kernel.__call__(kernel, x.reshape(-1, x.shape[-1]), qweight, scales, zero_points,
+                            bias)
+        return y.reshape(*x.shape[:-1], n)
+    return _Bound(kernel, run)
+
+
+def quant_linear_library(spec: QuantLinearSpec, target, accuracy: str = "float"):
+    """The library :func:`compile_quant_linear` would run, built without loading it (a CUDA
+    library builds on a machine without a GPU; ``export_library`` it and run it elsewhere)."""
+    types, body = _quant_linear_module(spec)
+    return _library(body, types, target, accuracy)[0]
+
+
+def _quant_linear_module(spec: QuantLinearSpec):
     from tvm import tirx
     m = tirx.Var("m", "int64")
     n, ng = spec.out_features, spec.n_groups
@@ -80,13 +105,7 @@ def compile_quant_linear(spec: QuantLinearSpec, target="llvm", threads: int = 0,
         zp = p[3] if spec.has_zero_points else None
         bias = p[-1] if spec.has_bias else None
         return emitter.quant_linear(bb, p[0], p[1], p[2], zp, bias, spec)
-    kernel = _build(body, types, target, threads, accuracy)
-
-    def run(x, qweight, scales, zero_points=None, bias=None):
-        y = Kernel.__call__(kernel, x.reshape(-1, x.shape[-1]), qweight, scales, zero_points,
-                            bias)
-        return y.reshape(*x.shape[:-1], n)
-    return _Bound(kernel, run)
+    return types, body
 
 
 def compile_hadamard(spec: HadamardSpec, target="llvm", threads: int = 0):
