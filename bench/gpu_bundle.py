@@ -120,11 +120,13 @@ def main() -> None:
     ref = lowbit.load(build / "torch")
     windows = eval_windows(ref.tokenizer, a.windows)
     probe = windows[:1, : a.logit_tokens]
+    short = windows[:1, :5]          # 5 rows: the CUDA backend's decode-sized kernel path
     with torch.no_grad():
-        logits = ref(probe).float()
+        logits, short_logits = ref(probe).float(), ref(short).float()
     ppl = perplexity(ref, None, windows=windows, progress=True)
     save_file({"windows": windows.to(torch.int32).contiguous(), "probe": probe.contiguous(),
-               "logits": logits.contiguous()}, str(out / "reference.safetensors"))
+               "logits": logits.contiguous(), "probe_short": short.contiguous(),
+               "logits_short": short_logits.contiguous()}, str(out / "reference.safetensors"))
     (out / "reference.json").write_text(json.dumps(
         {"recipe": manifest["recipe"]["name"], "backend": "torch", "perplexity": ppl,
          "threads": torch.get_num_threads()}, indent=1))

@@ -193,6 +193,10 @@ def check_model(bundle: Path) -> dict:
     res["first_call_s"] = round(time.perf_counter() - t, 3)
     res["logits_max_rel_err_vs_torch"] = max_relative_error(ref["logits"], out)
     res["argmax_agreement"] = float((ref["logits"].argmax(-1) == out.argmax(-1)).float().mean())
+    if "probe_short" in ref:
+        short = cm(ref["probe_short"].to(torch.int64)).float()
+        res["short_probe_tokens"] = int(ref["probe_short"].shape[1])
+        res["short_logits_max_rel_err_vs_torch"] = max_relative_error(ref["logits_short"], short)
     if not bool(torch.isfinite(out).all()):
         res["nonfinite_logits"] = int((~torch.isfinite(out)).sum())
         res["trace"] = trace_nonfinite(cm, probe[:, :8])

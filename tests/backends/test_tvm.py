@@ -168,6 +168,19 @@ def test_cuda_codegen_without_a_gpu(compiled, tmp_path):
     assert (path / "model.so").stat().st_size > 0
 
 
+def test_cuda_weight_only_linears_dispatch_on_rows(compiled):
+    """Weight-only layers get lowbit's warp-per-column kernel for m <= 8 rows and dlight's
+    tiled matmul above (a Relax If on the row count); on an H200 the first took 3.3-5.8 us at
+    SmolLM2's decode shapes where dlight's padded matmul took 25-72 us."""
+    from lowbit.backends.tvm import _cuda
+    from lowbit.backends.tvm.inspect import cuda_kernels
+    cm = compiled("w4a16-rtn", "cuda")
+    names = {k["name"] for k in cuda_kernels(cm.executable)}
+    linears = {n.removesuffix("_gemv_kernel") for n in names if n.endswith("_gemv_kernel")}
+    assert linears and all(f"{n}_gemm_kernel" in names for n in linears)
+    assert _cuda.MT == 8
+
+
 def test_cuda_kernels_use_no_fast_math_power(compiled):
     """RMSNorm's ``x.pow(2)`` is multiplied out: TVM compiles CUDA with ``--use_fast_math``,
     under which ``powf(x, 2)`` is ``exp2(2 log2 x)``, NaN for negative x (on an H200 every

@@ -12,7 +12,7 @@ import math
 
 from tvm import relax
 
-from lowbit.backends.tvm import _cpu, _cpu_int8, _te
+from lowbit.backends.tvm import _cpu, _cpu_int8, _cuda, _te
 from lowbit.backends.tvm.kernels import HadamardSpec, QuantLinearSpec
 
 __all__ = ["Emitter"]
@@ -50,6 +50,14 @@ class Emitter:
         n = spec.out_features
         if self.cpu:
             y = self._quant_linear_cpu(bb, x2, m, qweight, scales, zero_points, bias, spec)
+        elif _cuda.handles(spec):
+            name = f"lowbit_quant_linear_{spec.name}"
+            gemv = self._func(bb, f"{name}_gemv", lambda: _cuda.quant_linear_kernel(spec))
+            gemm = self._func(bb, f"{name}_gemm", lambda: _cuda.gemm_function(spec))
+            fn = self._func(bb, name, lambda: _cuda.dispatch_function(spec, gemv, gemm))
+            zp = zero_points if zero_points is not None else relax.const(
+                _zeros((1,), "uint8"))
+            y = bb.emit(relax.Call(fn, [x2, qweight, scales, zp]))
         else:
             y = self._quant_linear_te(bb, x2, qweight, scales, zero_points, bias, spec)
         return bb.emit(relax.op.reshape(y, [*lead, n]))

@@ -4,7 +4,8 @@ These are plain compute definitions -- a dequantize stage inlined into a matmul 
 the activation fake-quantization as a reduction + elementwise stage, the factored Hadamard as
 two small matmuls -- so that TVM's dlight GPU rules (``Matmul`` for prefill, ``GEMV`` /
 ``LowBatchGEMV`` for decode, ``Fallback``) can schedule them; the dequantization is fused into
-the matmul's load of the weight tile.
+the matmul's load of the weight tile. Weight-only linears use these only above 8 rows
+(:mod:`._cuda` has the decode kernel and the dispatch).
 """
 from __future__ import annotations
 
