@@ -1,9 +1,9 @@
 """Build SmolLM2 for ``target='cuda'`` on a machine without a GPU; list the CUDA kernels.
 
 Compiles the recipe once for the torch reference backend, lowers the same graph for cuda
-(``{"kind": "cuda", "arch": ARCH}``, dlight schedules), saves both artifacts (the pair that
-``bench/gpu_check.py`` takes) and prints the kernels (name, launch bound, CUDA source bytes)
-and the library size as JSON.
+(``{"kind": "cuda", "arch": ARCH}``), saves both artifacts (what ``bench/gpu_bundle.py``
+packs for ``bench/gpu_check.py``) and prints the kernels (name, launch bound, CUDA source
+bytes) and the library size as JSON.
 
     PYTHONPATH=src .venv/bin/python bench/tvm_cuda_build.py --out /tmp/smollm2-cuda
 """
