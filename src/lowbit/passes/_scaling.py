@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.compiler.graph import LinearSite
-from lowbit.passes.patterns import VIEW_LIKE
+from lowbit.passes.patterns import VIEW_LIKE, select_linears
 
 __all__ = ["ScaleGroup", "Producer", "find_scale_groups", "apply_scale"]
 
@@ -122,6 +122,19 @@ def find_scale_groups(graph, sites: list[LinearSite]
         else:
             groups.append(ScaleGroup(value, prod, tuple(members)))
     return groups, skipped
+
+
+def scale_groups_in_order(graph, options, calibration):
+    """What ``smooth`` and ``awq`` both start from: the selected linears' scale groups in
+    graph order, the skipped and unscalable sites, and a staged calibration run over the first
+    ``options.max_batches`` batches to advance from group to group.
+
+    Returns ``(groups, skipped, unscalable, run)``."""
+    sites, skipped = select_linears(graph, options.include_head, options.exclude)
+    groups, unscalable = find_scale_groups(graph, sites)
+    order = {n: i for i, n in enumerate(graph.nodes())}
+    groups.sort(key=lambda g: order[g.value])
+    return groups, skipped, unscalable, graph.staged(calibration[: options.max_batches])
 
 
 def _scaled(t: torch.Tensor, s: torch.Tensor, dim: int, inverse: bool) -> torch.Tensor:

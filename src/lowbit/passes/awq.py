@@ -16,9 +16,8 @@ from tqdm.auto import tqdm
 
 from lowbit.compiler.passes import PassResult, graph_pass
 from lowbit.numerics.scaling import search_awq_alpha
-from lowbit.passes._scaling import apply_scale, find_scale_groups
+from lowbit.passes._scaling import apply_scale, scale_groups_in_order
 from lowbit.passes._sequential import stage_hessian
-from lowbit.passes.patterns import select_linears
 from lowbit.passes.rtn import WeightQuantOptions
 
 __all__ = ["awq", "AwqOptions"]
@@ -39,11 +38,7 @@ class AwqOptions(WeightQuantOptions):
 def awq(graph, ctx) -> PassResult:
     """Scale input channels by activation magnitude^alpha where it lowers quantization error."""
     o = ctx.options
-    sites, skipped = select_linears(graph, o.include_head, o.exclude)
-    groups, unscalable = find_scale_groups(graph, sites)
-    order = {n: i for i, n in enumerate(graph.nodes())}
-    groups.sort(key=lambda g: order[g.value])
-    run = graph.staged(ctx.calibration[: o.max_batches])
+    groups, skipped, unscalable, run = scale_groups_in_order(graph, o, ctx.calibration)
     alphas, gains = {}, {}
     for g in tqdm(groups, desc="awq", disable=not ctx.progress, leave=False):
         h = stage_hessian(run.advance(g.value))

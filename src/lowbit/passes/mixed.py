@@ -30,6 +30,7 @@ quantizers (``rtn``, ``clip``, ``gptq``) follow.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -116,17 +117,27 @@ def _trace_batches(ctx, max_batches: int, seq_len: int | None) -> list[dict]:
     return [{k: v[:, :seq_len] if v.dim() >= 2 else v for k, v in b.items()} for b in batches]
 
 
+@contextlib.contextmanager
+def _requiring_grad(params):
+    """The weights require gradients inside the block; their old flags are restored after."""
+    was = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+
+
 def hessian_traces(graph, sites, batches, kind: str, samples: int, seed: int = 0,
                    progress: bool = False) -> dict[str, float]:
     """Hutchinson estimate of ``tr(d^2 L / dW_l^2)`` per site (see module doc)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     params = [graph.attr(s.weight) for s in sites]
-    was = [p.requires_grad for p in params]
     gen = torch.Generator().manual_seed(seed)
     total = [0.0] * len(sites)
-    try:
-        for p in params:
-            p.requires_grad_(True)
+    with _requiring_grad(params):
         for batch in tqdm(batches, desc="hessian trace", disable=not progress, leave=False):
             reference = None if kind == "causal_lm" else graph.run(batch)[0]
             with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
@@ -139,9 +150,6 @@ def hessian_traces(graph, sites, batches, kind: str, samples: int, seed: int = 0
                                              retain_graph=i < samples - 1)
                     for j, (v, h) in enumerate(zip(vs, hv)):
                         total[j] += float((v * h).sum())
-    finally:
-        for p, w in zip(params, was):
-            p.requires_grad_(w)
     n = len(batches) * samples
     return {s.node: t / n for s, t in zip(sites, total)}
 
@@ -150,12 +158,9 @@ def ggn_traces(graph, sites, batches, kind: str, samples: int, seed: int = 0,
                progress: bool = False) -> dict[str, float]:
     """Sampled-output estimate of ``tr(J_l^T H_out J_l)`` per site (see module doc)."""
     params = [graph.attr(s.weight) for s in sites]
-    was = [p.requires_grad for p in params]
     gen = torch.Generator().manual_seed(seed)
     total = [0.0] * len(sites)
-    try:
-        for p in params:
-            p.requires_grad_(True)
+    with _requiring_grad(params):
         for batch in tqdm(batches, desc="gauss-newton trace", disable=not progress,
                           leave=False):
             batch = graph.complete(batch)
@@ -180,9 +185,6 @@ def ggn_traces(graph, sites, batches, kind: str, samples: int, seed: int = 0,
                     grads = torch.autograd.grad(loss, params, retain_graph=i < samples - 1)
                     for j, g in enumerate(grads):
                         total[j] += float(g.double().pow(2).sum()) / norm
-    finally:
-        for p, w in zip(params, was):
-            p.requires_grad_(w)
     n = len(batches) * samples
     return {s.node: t / n for s, t in zip(sites, total)}
 

@@ -18,8 +18,7 @@ from lowbit.compiler.passes import PassResult, graph_pass
 from lowbit.numerics.quant import (dequantize_weight, quantize_activation_per_token,
                                    quantize_weight)
 from lowbit.numerics.scaling import smooth_scales
-from lowbit.passes._scaling import apply_scale, find_scale_groups
-from lowbit.passes.patterns import select_linears
+from lowbit.passes._scaling import apply_scale, scale_groups_in_order
 
 __all__ = ["smooth", "SmoothOptions"]
 
@@ -63,11 +62,7 @@ def _w8a8_error(x: torch.Tensor, weights, s: torch.Tensor, wbits: int, abits: in
 def smooth(graph, ctx) -> PassResult:
     """Migrate activation outliers into the weights (SmoothQuant), alpha searched per group."""
     o = ctx.options
-    sites, skipped = select_linears(graph, o.include_head, o.exclude)
-    groups, unscalable = find_scale_groups(graph, sites)
-    order = {n: i for i, n in enumerate(graph.nodes())}
-    groups.sort(key=lambda g: order[g.value])
-    run = graph.staged(ctx.calibration[: o.max_batches])
+    groups, skipped, unscalable, run = scale_groups_in_order(graph, o, ctx.calibration)
     alphas, gains = {}, {}
     for g in tqdm(groups, desc="smooth", disable=not ctx.progress, leave=False):
         x = _sample(run.advance(g.value), o.tokens)
