@@ -168,6 +168,13 @@ def test_cuda_codegen_without_a_gpu(compiled, tmp_path):
     assert (path / "model.so").stat().st_size > 0
 
 
+@pytest.mark.skipif(_has_cuda_device(), reason="checks the machine without a CUDA driver")
+def test_cuda_artifact_without_a_driver_is_a_clear_error(compiled, tmp_path):
+    path = compiled("w4a16-rtn", "cuda").save(tmp_path / "cuda")
+    with pytest.raises(lowbit.UsageError, match=r"libcuda\.so\.1.*Fix:|Fix:.*libcuda\.so\.1"):
+        lowbit.load(path)
+
+
 def test_cuda_weight_only_linears_dispatch_on_rows(compiled):
     """Weight-only layers get lowbit's warp-per-column kernel for m <= 8 rows and dlight's
     tiled matmul above (a Relax If on the row count); on an H200 the first took 3.3-5.8 us at

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from lowbit.backends import ModelSpec
 from lowbit.compiler.kv_cache import KVCacheSpec
+from lowbit.errors import UsageError
 
 __all__ = ["TvmExecutable", "LIBRARY", "PARAMS", "META"]
 
@@ -49,10 +50,11 @@ def ensure_cuda_runtime() -> None:
             package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir],
             mode="RTLD_LOCAL")
     except (OSError, RuntimeError) as e:
-        raise RuntimeError(
-            f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda.so next to {runtime_dir}): "
-            f"{e}. It needs the NVIDIA driver (libcuda.so.1) and the CUDA 13 runtime "
-            "(libcudart.so.13) on the loader path (LD_LIBRARY_PATH)") from e
+        raise UsageError(
+            f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda.so next to {runtime_dir}) "
+            f"to run a CUDA artifact: {e}. Fix: run it where the NVIDIA driver (libcuda.so.1) "
+            "and the CUDA 13 runtime (libcudart.so.13) are on the loader path "
+            "(LD_LIBRARY_PATH)") from e
     if base._RUNTIME_ONLY:
         _register_nvrtc_for_device()
 
