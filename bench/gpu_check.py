@@ -2,11 +2,14 @@
 
 Takes the bundle of ``bench/gpu_bundle.py`` (built on a machine without a GPU) and needs only
 lowbit's source, torch with CUDA, and a runtime-only TVM: the ``tvm`` package without
-``libtvm_compiler`` (``tvm.base`` then loads ``libtvm_runtime`` alone) and ``tvm_ffi``; nothing
-is compiled here. Prints one JSON object (also written to ``--out``).
+``libtvm_compiler`` (``tvm.base`` then loads ``libtvm_runtime`` alone) and ``tvm_ffi``; the
+kernels' CUDA source is compiled by NVRTC as each library loads. Prints JSON per part and
+writes the whole result to ``--out``.
 
     PYTHONPATH=<runtime-only tvm>:src python bench/gpu_check.py --bundle /tmp/gpu/bundle
 
+- ``tiny``: each tiny model of ``tiny/`` (fp32, int4 RTN, w8a8, rotation at SmolLM2's widths)
+  on its reference inputs; a non-finite output is traced to the first VM call that produced it.
 - ``kernels``: each CUDA library of ``kernels/`` on seeded random weights, at M = 1 (decode GEMV)
   and M = 512 (prefill GEMM): max relative error against lowbit's torch reference
   (``lowbit.ops.quant_linear`` on the CPU, fp32), time per call through TVM's VM
@@ -14,9 +17,10 @@ is compiled here. Prints one JSON object (also written to ``--out``).
   ``torch.profiler``), against ``torch.nn.functional.linear`` in fp16 and fp32 on the same GPU,
   and the bytes the int4 GEMV must read over the device-to-device copy bandwidth measured in the
   same run.
-- ``model``: the artifact's logits on the probe tokens against the torch reference backend's
-  (max relative error, argmax agreement) and perplexity on the bundle's windows against the
-  reference perplexity computed on the CPU.
+- ``model``: the artifact's logits on the probe tokens (and a 5-token probe, the decode-kernel
+  side of the row dispatch) against the torch reference backend's (max relative error, argmax
+  agreement), and perplexity on the bundle's windows against the reference perplexity computed
+  on the CPU.
 """
 from __future__ import annotations
 
