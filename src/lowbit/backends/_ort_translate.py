@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit.compiler._onnx_quant import ScriptOps, fake_quant
+
 __all__ = ["register_msft_schemas", "quant_linear_translation", "hadamard_translation"]
 
 
@@ -51,31 +53,10 @@ def quant_linear_translation(accuracy_level: int):
                      act_bits, act_clip=1.0, act_symmetric=True):
         n = qweight.shape[0]
         integer = act_bits == 8 and bits == 8 and scales.shape[1] == 1
-        if act_bits and not act_symmetric:
-            # per-token [min, max] grid with a zero point, as quantize_activation_per_token
-            top = float(2 ** act_bits - 1)
-            zero, last = op.Constant(value_float=0.0), op.Constant(value_ints=[-1])
-            lo = op.Min(op.ReduceMin(x, last, keepdims=1), zero)
-            hi = op.Max(op.ReduceMax(x, last, keepdims=1), zero)
-            if act_clip != 1.0:
-                lo = op.Mul(lo, op.Constant(value_float=float(act_clip)))
-                hi = op.Mul(hi, op.Constant(value_float=float(act_clip)))
-            s = op.Div(op.Max(op.Sub(hi, lo), op.Constant(value_float=1e-8)),
-                       op.Constant(value_float=top))
-            z = op.Round(op.Div(op.Neg(lo), s))
-            q = op.Clip(op.Add(op.Round(op.Div(x, s)), z), zero, op.Constant(value_float=top))
-            x = op.Mul(op.Sub(q, z), s)
-        elif act_bits and not integer:
+        if act_bits and not integer:
             # no integer kernel for this pairing: quantize-dequantize x per token (as the
             # torch reference does), then the weight-only kernel
-            qmax = float(2 ** (act_bits - 1) - 1)
-            absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-            a = op.Max(absmax, op.Constant(value_float=1e-8))
-            if act_clip != 1.0:
-                a = op.Mul(a, op.Constant(value_float=float(act_clip)))
-            s = op.Div(a, op.Constant(value_float=qmax))
-            x = op.Mul(op.Clip(op.Round(op.Div(x, s)), op.Constant(value_float=-qmax),
-                               op.Constant(value_float=qmax)), s)
+            x = fake_quant(ScriptOps(op), x, act_bits, act_clip, act_symmetric)
         if not integer and bits == 3:
             y = op.MatMul(x, op.Transpose(_dequantize_3bit(op, qweight, scales, zero_points,
                                                            in_features, group_size),

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from lowbit.compiler._onnx_quant import fake_quant, per_token_scale
 from lowbit.compiler.graph import PackedLinear
 
 __all__ = ["Builder", "quant_linear", "hadamard", "split_channels", "rms_normalize",
@@ -51,6 +52,10 @@ class Builder:
             else np.asarray(value)
         return self.graph.new_initializer(f"{self.group}_{key}", arr)
 
+    def f32(self, key: str, value: float) -> ir.Value:
+        """A float32 scalar initializer."""
+        return self.const(key, np.float32(value))
+
     def ints(self, key: str, values) -> ir.Value:
         return self.const(key, np.asarray(values, dtype=np.int64))
 
@@ -68,37 +73,6 @@ class Builder:
         return self.nodes
 
 
-def _per_token_scale(b: Builder, x: ir.Value, qmax: float, clip: float) -> ir.Value:
-    """``s = clip * max(max|x|, 1e-8) / qmax`` per token (as the torch reference computes)."""
-    a = b("Max", b.reduce_last("ReduceMax", b("Abs", x)), b.const("eps", np.float32(1e-8)))
-    if clip != 1.0:
-        a = b("Mul", a, b.const("clip", np.float32(clip)))
-    return b("Div", a, b.const("qmax", np.float32(qmax)))
-
-
-def _fake_quant(b: Builder, x: ir.Value, bits: int, clip: float,
-                symmetric: bool = True) -> ir.Value:
-    if not symmetric:      # quantize_activation_per_token(symmetric=False), op for op
-        top = float(2 ** bits - 1)
-        zero = b.const("zero", np.float32(0.0))
-        lo = b("Min", b.reduce_last("ReduceMin", x), zero)
-        hi = b("Max", b.reduce_last("ReduceMax", x), zero)
-        if clip != 1.0:
-            c = b.const("clip", np.float32(clip))
-            lo, hi = b("Mul", lo, c), b("Mul", hi, c)
-        s = b("Div", b("Max", b("Sub", hi, lo), b.const("eps", np.float32(1e-8))),
-              b.const("top", np.float32(top)))
-        z = b("Round", b("Div", b("Neg", lo), s))
-        q = b("Clip", b("Add", b("Round", b("Div", x, s)), z),
-              b.const("lo", np.float32(0.0)), b.const("hi", np.float32(top)))
-        return b("Mul", b("Sub", q, z), s)
-    qmax = float(2 ** (bits - 1) - 1)
-    s = _per_token_scale(b, x, qmax, clip)
-    q = b("Clip", b("Round", b("Div", x, s)), b.const("lo", np.float32(-qmax)),
-          b.const("hi", np.float32(qmax)))
-    return b("Mul", q, s)
-
-
 def _integer(b: Builder, x: ir.Value, p: PackedLinear) -> ir.Value:
     """int8 per-token x int8 per-channel weights: ``MatMulInteger`` then both scales.
 
@@ -106,7 +80,7 @@ def _integer(b: Builder, x: ir.Value, p: PackedLinear) -> ir.Value:
     ``MatMulInteger(int8 x, uint8 w)``, exact on AVX2 (see the onnxruntime backend).
     """
     n = p.out_features
-    s = _per_token_scale(b, x, 127.0, p.act_clip)
+    s = per_token_scale(b, x, 127.0, p.act_clip)
     q = b("Clip", b("Round", b("Div", x, s)), b.const("lo", np.float32(-127.0)),
           b.const("hi", np.float32(127.0)))
     xq = b("Cast", q, to=ir.DataType.INT8)
@@ -135,7 +109,7 @@ def quant_linear(b: Builder, x: ir.Value, p: PackedLinear, bias: ir.Value | None
         y = _integer(b, x, p)
     else:
         if p.act_bits:
-            x = _fake_quant(b, x, p.act_bits, p.act_clip, p.act_symmetric)
+            x = fake_quant(b, x, p.act_bits, p.act_clip, p.act_symmetric)
         ins = [x, b.const("qweight", p.qweight), b.const("scales", p.scales)]
         if p.zero_points is not None:
             ins.append(b.const("zero_points", p.zero_points))
