@@ -55,9 +55,8 @@ class Emitter:
             gemv = self._func(bb, f"{name}_gemv", lambda: _cuda.quant_linear_kernel(spec))
             gemm = self._func(bb, f"{name}_gemm", lambda: _cuda.gemm_function(spec))
             fn = self._func(bb, name, lambda: _cuda.dispatch_function(spec, gemv, gemm))
-            zp = zero_points if zero_points is not None else relax.const(
-                _zeros((1,), "uint8"))
-            y = bb.emit(relax.Call(fn, [x2, qweight, scales, zp]))
+            y = bb.emit(relax.Call(fn, [x2, qweight, scales, _or_placeholder(zero_points,
+                                                                            "uint8")]))
         else:
             y = self._quant_linear_te(bb, x2, qweight, scales, zero_points, bias, spec)
         return bb.emit(relax.op.reshape(y, [*lead, n]))
@@ -74,10 +73,7 @@ class Emitter:
                           primfunc_name_hint=f"lowbit_quant_linear_{spec.name}")
 
     def _quant_linear_cpu(self, bb, x2, m, qweight, scales, zero_points, bias, spec):
-        # absent zero points / bias: the kernels still take a (1,)-shaped placeholder
-        zp = zero_points if zero_points is not None else relax.const(
-            _zeros((1,), "uint8"))
-        b = bias if bias is not None else relax.const(_zeros((1,), "float32"))
+        zp, b = _or_placeholder(zero_points, "uint8"), _or_placeholder(bias, "float32")
         out = relax.TensorType([m, spec.out_features], "float32")
         int8 = dataclasses.replace(spec, accuracy=self.accuracy)
         if int8.int8_dot:       # one kernel: it quantizes x itself
@@ -107,6 +103,12 @@ class Emitter:
             y = bb.emit_te(lambda a, lt, rt: _te.hadamard(a, lt, rt, spec), x2, left, right,
                            primfunc_name_hint=f"lowbit_hadamard_{spec.name}")
         return bb.emit(relax.op.reshape(y, lead + [width]))
+
+
+def _or_placeholder(t, dtype: str):
+    """``t``, or for an absent zero point / bias the ``(1,)``-shaped constant that lowbit's
+    hand-written kernels take in its place."""
+    return t if t is not None else relax.const(_zeros((1,), dtype))
 
 
 def _zeros(shape, dtype):
