@@ -155,3 +155,43 @@ def test_stage_hessian_accumulates_batches_like_one_product():
     flat = torch.cat([x.reshape(-1, 12) for x in xs]).double()
     torch.testing.assert_close(stage_hessian(xs), 2 * flat.T @ flat / flat.shape[0],
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,act_order,k", [
+    (4, 32, False, False, 96), (3, 32, False, False, 80),    # 80: partial last group
+    (2, 16, True, False, 64), (8, None, False, False, 48), (4, 32, False, True, 80),
+    (4, None, True, True, 96)])
+def test_compiled_column_loop_is_the_tensor_loop_bit_for_bit(monkeypatch, bits, group_size,
+                                                             symmetric, act_order, k):
+    """The numba span and the tensor-op span give the same codes, scales and zero points, and
+    the numba one does so with any thread count (rows are split across threads)."""
+    import numba
+
+    from lowbit.numerics import gptq as g
+    w, h, _ = _layer(n=37, k=k)
+    kw = dict(act_order=act_order, clip_ratios=(1.0, 0.9), refine_rounds=2)
+    with monkeypatch.context() as m:
+        m.setattr(g, "_span_compiled", lambda threads: g._span_torch)
+        ref = gptq_quantize(w, h, bits, group_size, symmetric, **kw)
+    before = torch.get_num_threads()
+    for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
+        torch.set_num_threads(threads)
+        try:
+            got = gptq_quantize(w, h, bits, group_size, symmetric, **kw)
+        finally:
+            torch.set_num_threads(before)
+        for f in ("codes", "scales", "zero_points"):
+            assert torch.equal(getattr(got, f), getattr(ref, f)), (f, threads)
+    # the loop's own state too: the weights it compensated (every block but the last)
+    group = group_size or k
+    n_groups = -(-k // group)
+    states = []
+    for span in (g._span_torch, None):
+        wp, hp = g._prepare(w, h, 0.01)
+        perm = torch.argsort(torch.diag(hp), descending=True) if act_order else torch.arange(k)
+        wp, hp = wp[:, perm].clone(), hp[perm][:, perm]
+        args = (wp, g._inverse_cholesky(hp), perm, torch.zeros(37, n_groups),
+                torch.zeros(37, n_groups), torch.zeros(n_groups, dtype=torch.bool),
+                torch.ones(37, n_groups), bits, group, group, symmetric)
+        states.append((g._columns(*args, span=span), wp))
+    assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
