@@ -167,11 +167,12 @@ def test_compiled_column_loop_is_the_tensor_loop_bit_for_bit(monkeypatch, bits, 
     the numba one does so with any thread count (rows are split across threads)."""
     import numba
 
+    from lowbit.numerics import _gptq_loop as loop
     from lowbit.numerics import gptq as g
     w, h, _ = _layer(n=37, k=k)
     kw = dict(act_order=act_order, clip_ratios=(1.0, 0.9), refine_rounds=2)
     with monkeypatch.context() as m:
-        m.setattr(g, "_span_compiled", lambda threads: g._span_torch)
+        m.setattr(loop, "span_compiled", lambda threads: loop.span_torch)
         ref = gptq_quantize(w, h, bits, group_size, symmetric, **kw)
     before = torch.get_num_threads()
     for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
@@ -186,12 +187,12 @@ def test_compiled_column_loop_is_the_tensor_loop_bit_for_bit(monkeypatch, bits, 
     group = group_size or k
     n_groups = -(-k // group)
     states = []
-    for span in (g._span_torch, None):
+    for span in (loop.span_torch, None):
         wp, hp = g._prepare(w, h, 0.01)
         perm = torch.argsort(torch.diag(hp), descending=True) if act_order else torch.arange(k)
         wp, hp = wp[:, perm].clone(), hp[perm][:, perm]
         args = (wp, g._inverse_cholesky(hp), perm, torch.zeros(37, n_groups),
                 torch.zeros(37, n_groups), torch.zeros(n_groups, dtype=torch.bool),
                 torch.ones(37, n_groups), bits, group, group, symmetric)
-        states.append((g._columns(*args, span=span), wp))
+        states.append((loop.columns(*args, span=span), wp))
     assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])

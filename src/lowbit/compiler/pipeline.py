@@ -124,6 +124,7 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
                          "per token) or pick target='onnxruntime'/'torch'")
     captured = capture(model, example_inputs=example_inputs, tokenizer=tokenizer,
                        kv_cache=kv_cache)
+    capture_seconds = round(time.perf_counter() - t0, 2)
     needs_data = any("calibration" in sp.info.requires for sp in passes)
     batches = calibration_batches(calibration, captured, needs_data, data_dir,
                                   calibration_samples)
@@ -146,6 +147,7 @@ def compile(model: Any, recipe: Any = "w4a16", target: str = "onnxruntime",
     figures: dict[str, Any] = {}
     if verify:
         figures.update(_backend_check(executable, backend.name, reference, verify_inputs))
+    figures["capture_seconds"] = capture_seconds
     figures["compile_seconds"] = round(time.perf_counter() - t0, 2)
     figures["peak_rss_mb"] = _peak_rss_mb()
     figures["artifact_bytes"] = executable.nbytes

@@ -40,6 +40,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from lowbit.numerics._gptq_loop import columns
 from lowbit.numerics.quant import (QuantizedWeight, fake_quantize, grid_params, group_layout,
                                    quantize_weight)
 
@@ -263,7 +264,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
     w, h = w[:, perm], h[perm][:, perm]
     block_size = group * max(1, block_size // group)   # groups never straddle blocks
     u = _inverse_cholesky(h)
-    codes = _single_threaded(_columns, w, u, perm, scales, zeros, have, clip, bits, group,
+    codes = _single_threaded(columns, w, u, perm, scales, zeros, have, clip, bits, group,
                              block_size, symmetric)
     best = qw = _assemble(codes, scales, zeros, bits, group, k, symmetric)
     target = _RefitTarget.of(w_orig, h_damped, best) if refine_rounds else None
@@ -271,7 +272,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
     for r in range(refine_rounds):
         if r:       # rerun the column loop on the refitted grids
             scales, zeros = qw.scales.to(_DTYPE).clone(), qw.zero_points.to(_DTYPE).clone()
-            codes = _single_threaded(_columns, w_orig[:, perm].clone(), u, perm, scales, zeros,
+            codes = _single_threaded(columns, w_orig[:, perm].clone(), u, perm, scales, zeros,
                                      torch.ones(n_groups, dtype=torch.bool), clip, bits, group,
                                      block_size, symmetric)
             qw = _assemble(codes, scales, zeros, bits, group, k, symmetric)
@@ -281,8 +282,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
 
 
 def _single_threaded(fn, *args):
-    """Tensor ops of the column loop on one thread (thousands of tiny ops: threads only
-    stall); the compiled span splits rows over the threads torch was given."""
+    """Tensor ops of the column loop on one thread (many small ops: threads only stall); the
+    compiled span splits rows over the threads torch was given."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -302,77 +303,6 @@ def _better_rows(best: QuantizedWeight, best_err: torch.Tensor, qw: QuantizedWei
                             pick(best.zero_points, qw.zero_points), qw.bits, qw.group_size,
                             qw.in_features, qw.symmetric),
             torch.minimum(err, best_err))
-
-
-def _columns(w, u, perm, scales, zeros, have, clip, bits, group, block_size, symmetric, *,
-             threads: int = 1, span=None):
-    """The GPTQ column loop (module doc); fills ``scales``/``zeros`` of groups reached first.
-
-    Within a block, runs of columns whose grids are known go to ``span`` (default the
-    compiled, row-parallel :func:`lowbit.numerics._gptq_loop.span`; :func:`_span_torch` is the
-    same loop in tensor ops, bit for bit); a column whose group has no grid yet (natural
-    order: a group's first column) gets it from the current weights first.
-    """
-    n, k = w.shape
-    codes = torch.zeros(n, k, dtype=_DTYPE)
-    if span is None:
-        span = _span_compiled(threads)
-    order, have = perm.tolist(), have.tolist()
-    diag = torch.diagonal(u).contiguous()
-    top = float(2 ** bits - 1)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=_DTYPE)
-        u1, cols = u[i1:i2, i1:i2].contiguous(), perm[i1:i2].contiguous()
-        i = 0
-        while i < i2 - i1:
-            col = order[i1 + i]
-            g = col // group
-            if not have[g]:   # first column of its group (natural order): fix its grid now
-                s, z = grid_params(w1[:, i:i + min(group, k - col)], bits, symmetric, clip[:, g])
-                scales[:, g], zeros[:, g] = s.to(_DTYPE), z.to(_DTYPE)
-                have[g] = True
-            j = i + 1
-            while j < i2 - i1 and have[order[i1 + j] // group]:
-                j += 1
-            gidx = [c // group for c in order[i1 + i:i1 + j]]
-            span(w1, u1, diag[i1:i2], scales[:, gidx].contiguous(), zeros[:, gidx].contiguous(),
-                 codes, err1, i, j, top, cols)
-            i = j
-        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
-    return codes
-
-
-def _span_torch(w1, u1, diag, s, z, codes, err1, a, b, top, cols):
-    """Columns ``a..b-1`` of a block in tensor ops (the reference of the compiled span)."""
-    n = w1.shape[0]
-    q = torch.empty(n, dtype=_DTYPE)
-    e = torch.empty(n, dtype=_DTYPE)
-    d, cols = diag.tolist(), cols.tolist()
-    for i in range(a, b):
-        si, zi, wi = s[:, i - a], z[:, i - a], w1[:, i]
-        torch.div(wi, si, out=q).round_().add_(zi).clamp_(0.0, top)
-        codes[:, cols[i]] = q
-        # e = (w_i - (q - z) s) / U_ii, then the rank-1 update of the block's later columns:
-        # products rounded, then subtracted (no fused multiply-add, unlike BLAS's ``ger``,
-        # which fuses only in its vector body, so its results depend on the CPU)
-        torch.sub(q, zi, out=e).mul_(si).neg_().add_(wi).div_(d[i])
-        w1[:, i + 1:].sub_(torch.outer(e, u1[i, i + 1:]))
-        err1[:, i] = e
-
-
-def _span_compiled(threads: int):
-    """:func:`lowbit.numerics._gptq_loop.span` on tensors (numpy views, no copies)."""
-    import numba
-    import numpy
-
-    from lowbit.numerics._gptq_loop import span
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-
-    def run(w1, u1, diag, s, z, codes, err1, a, b, top, cols):
-        span(w1.numpy(), u1.numpy(), diag.numpy(), s.numpy(), z.numpy(), codes.numpy(),
-             err1.numpy(), a, b, numpy.float32(top), cols.numpy())
-    return run
 
 
 def _assemble(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
