@@ -80,3 +80,24 @@ def test_tvm_llvm_lowering_agrees_with_torch(model):
     cm = lowbit.compile(model, recipe={"passes": [HEAD4, "pack", "embed_quant"]},
                         target="llvm", progress=False)
     assert cm.figures["backend_max_rel_error_vs_torch"] < 1e-5
+
+
+def test_w4a16_edge_preset_is_w4a16_with_the_head_and_int8_embeddings():
+    """The deployment preset: rotation + GPTQ (as w4a16, refitting included) on every linear,
+    the head too, then int8 embedding rows."""
+    from lowbit.plugins.manager import get_registry
+    presets = get_registry().presets
+    edge, base = presets["w4a16-edge"], presets["w4a16"]
+    assert [p.name for p in edge.passes] == [p.name for p in base.passes] + ["embed_quant"]
+    gptq = dict(next(p for p in edge.passes if p.name == "gptq").options)
+    assert gptq.pop("include_head") is True
+    assert gptq == dict(next(p for p in base.passes if p.name == "gptq").options)
+    model = tiny_llama()              # tied embeddings: the rotation unties them
+    calib = [{"input_ids": random_ids(2, 32, seed=s)} for s in range(2)]
+    cm = lowbit.compile(model, recipe="w4a16-edge", target="torch", calibration=calib,
+                        progress=False)
+    layers = cm.manifest["layers"]
+    assert any("lm_head" in name for name in layers) and len(layers) == 7 * 2 + 1
+    int8 = [v for v in cm.executable.module.state_dict().values() if v.dtype == torch.int8]
+    assert [tuple(v.shape) for v in int8] == [(model.config.vocab_size,
+                                               model.config.hidden_size)]

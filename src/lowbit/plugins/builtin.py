@@ -58,6 +58,12 @@ def lowbit_presets():
                "folded into the residual stream, then GPTQ with clipping search and two rounds "
                "of scale refitting (needs calibration data; the best W4A16 recipe measured, "
                "see docs/results.md)"),
+        Recipe("w4a16-edge", (PassSpec("rotate"),
+                              PassSpec("gptq", {**_GPTQ, "include_head": True}),
+                              PassSpec("pack"), PassSpec("embed_quant")),
+               "w4a16 with the output head quantized too and the embedding table as int8 "
+               "rows: the smallest and fastest decoding file for ONNX Runtime on edge CPUs "
+               "(docs/howto/deploy-to-edge-cpu.md; about 0.3 perplexity above w4a16)"),
         Recipe("w4a8", (PassSpec("rotate"), PassSpec("gptq", _GPTQ),
                         PassSpec("act_quant", {"bits": 8, "integer_only": False}),
                         PassSpec("pack")),
