@@ -11,6 +11,8 @@ from lowbit.numerics.quant import grid_params
 
 __all__ = ["columns", "span_torch", "span_compiled"]
 
+#: GPTQ's working precision. float32 as in the reference implementations: with the damping
+#: the Cholesky factors are well conditioned, and it is ~3x faster than float64 here.
 _DTYPE = torch.float32
 
 

@@ -40,16 +40,12 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from lowbit.numerics._gptq_loop import columns
+from lowbit.numerics._gptq_loop import _DTYPE, columns
 from lowbit.numerics.quant import (QuantizedWeight, fake_quantize, grid_params, group_layout,
                                    quantize_weight)
 
 __all__ = ["hessian_from_inputs", "output_error", "search_clip", "gptq_quantize",
            "float_target", "refine_scales", "DEFAULT_CLIP_RATIOS"]
-
-#: GPTQ's working precision. float32 as in the reference implementations: with the damping
-#: the Cholesky factors are well conditioned, and it is ~3x faster than float64 here.
-_DTYPE = torch.float32
 
 #: Range ratios the clipping search tries (1.0 = no clipping).
 DEFAULT_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))   # 1.0 ... 0.6
