@@ -86,9 +86,9 @@ def copies(k, n, streamed: bool) -> int:
 def tvm_case(m, k, n, count, distinct, threads, accuracy="float"):
     import tvm
     from tvm import relax, tirx
-    from lowbit.backends.tvm import build, resolve_target
+    from lowbit.backends.tvm import build, has_vnni, resolve_target
     from lowbit.backends.tvm._emit import Emitter
-    from lowbit.backends.tvm._runtime import set_threads
+    from lowbit.backends.tvm._runtime import set_threads, transform_params
     from lowbit.backends.tvm.kernels import QuantLinearSpec
     spec = QuantLinearSpec(n, k, BITS, GROUP, True, False)
     weights = [packed(n, k, i) for i in range(distinct)]
@@ -96,18 +96,19 @@ def tvm_case(m, k, n, count, distinct, threads, accuracy="float"):
     x = relax.Var("x", relax.TensorType([rows, k], "float32"))
     ws = [[relax.Var(f"{p}{i}", relax.TensorType(list(t.shape), str(t.dtype)[6:]))
            for p, t in zip("wsz", weights[i])] for i in range(distinct)]
-    bb, emitter = relax.BlockBuilder(), Emitter(True, accuracy)
-    with bb.function("main", [x] + [v for w in ws for v in w]):
+    target = resolve_target("llvm", {"mcpu": "native"})
+    bb, emitter = relax.BlockBuilder(), Emitter(True, accuracy, has_vnni(target))
+    with bb.function("main", [x] + [v for w in ws for v in w], attrs={"num_input": 1}):
         with bb.dataflow():
             outs = [emitter.quant_linear(bb, x, *ws[i % distinct][:2], ws[i % distinct][2],
                                          None, spec) for i in range(count)]
             out = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(out)
-    lib = build(bb.get(), resolve_target("llvm", {"mcpu": "native"}))
+    lib = build(bb.get(), target)
     set_threads(threads)
     vm = relax.VirtualMachine(lib, tvm.cpu())
     args = [tvm.runtime.tensor(np.random.default_rng(0).standard_normal((m, k), "float32"))]
-    args += [tvm.runtime.tensor(t.numpy()) for w in weights for t in w]
+    args += transform_params(vm, [tvm.runtime.tensor(t.numpy()) for w in weights for t in w])
     fn = vm["main"]
     return timeit(lambda: fn(*args)) / count
 

@@ -9,8 +9,9 @@ Options: ``mcpu`` (llvm; default ``x86-64-v3`` on x86-64 hosts -- AVX2+FMA, port
 any such CPU -- or ``native`` for this CPU, resolved with ``llvm_get_system_cpu`` because
 LLVM's own ``native`` silently yields generic code), ``threads`` (CPU thread pool; 0 = TVM's
 default), ``accuracy`` (llvm; ``"float"``, the default, or ``"int8"``: the decode GEMV of 2/4-bit
-weights rounds each activation group to int8 and uses AVX2 int8 dot products, ~1e-2 relative
-error like ONNX Runtime's ``accuracy_level=4``; needs an AVX2 target), ``arch`` (cuda;
+weights rounds each activation group to int8 and uses int8 dot products -- AVX512-VNNI where
+the target has it, else AVX2 --, ~1e-2 relative error like ONNX Runtime's ``accuracy_level=4``;
+needs an AVX2 target), ``arch`` (cuda;
 default ``sm_90``), ``target`` (a full JSON-dict target).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Mapping
 from lowbit.backends import BackendInfo, ModelSpec
 from lowbit.errors import LoweringError, UsageError
 
-__all__ = ["LLVM_BACKEND", "CUDA_BACKEND", "resolve_target", "build"]
+__all__ = ["LLVM_BACKEND", "CUDA_BACKEND", "resolve_target", "build", "has_vnni", "TRANSFORM_PARAMS"]
 
 _OPTIONS = {"llvm": {"mcpu": None, "threads": 0, "accuracy": "float", "target": None},
             "cuda": {"arch": "sm_90", "target": None}}
@@ -56,10 +57,27 @@ def resolve_target(kind: str, options: Mapping) -> dict:
 _FUSE_TIR_BUG = "VarRemapGet"
 
 
+def has_vnni(target: Mapping) -> bool:
+    """Whether an llvm target has AVX512-VNNI with 128/256-bit forms (``vpdpbusd``)."""
+    import tvm
+    tgt = tvm.target.Target(dict(target))
+    return tgt.kind.name == "llvm" and bool(tvm.target.codegen.target_has_features(
+        ["avx512vnni", "avx512vl"], tgt))
+
+
+#: the function TVM's ``LiftTransformParams`` makes of ``main``'s weight-only computations
+TRANSFORM_PARAMS = "main_transform_params"
+
+
 def build(mod, target: Mapping, fuse: bool = True):
     """``tvm.compile`` with TVM's default pipeline for ``target``; on CPUs with
     :func:`._schedule.parallelize_cpu` between legalization and lowering. ``fuse=False``
-    drops operator fusion (``FuseOps``/``FuseTIR``): every Relax op becomes its own kernel."""
+    drops operator fusion (``FuseOps``/``FuseTIR``): every Relax op becomes its own kernel.
+
+    On CPUs, when ``main`` says how many of its leading parameters are inputs (attribute
+    ``num_input``), what it computes from the weights alone (the int8 GEMV's ``prepack``,
+    weight transposes) is lifted into :data:`TRANSFORM_PARAMS` (weights -> the weights ``main``
+    then takes), to run once when the model loads instead of on every call."""
     import tvm
     from tvm import relax
     tgt = tvm.target.Target(dict(target))
@@ -67,8 +85,10 @@ def build(mod, target: Mapping, fuse: bool = True):
         return tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from lowbit.backends.tvm._schedule import parallelize_cpu
-    passes = (cpu.library_dispatch_passes(tgt) + cpu.legalize_passes(tgt) + [parallelize_cpu]
-              + cpu.dataflow_lower_passes(tgt) + cpu.finalize_passes(tgt))
+    lift = [relax.transform.LiftTransformParams()] \
+        if mod["main"].attrs and "num_input" in mod["main"].attrs else []
+    passes = (lift + cpu.library_dispatch_passes(tgt) + cpu.legalize_passes(tgt)
+              + [parallelize_cpu] + cpu.dataflow_lower_passes(tgt) + cpu.finalize_passes(tgt))
     if not fuse:
         passes = [p for p in passes if p.info.name not in ("FuseOps", "FuseTIR")]
 
@@ -129,7 +149,8 @@ def _lower(kind: str, graph, spec: ModelSpec, options: Mapping):
                 f"layer '{q['name']}' (node {node}): asymmetric per-token activations "
                 "(act_quant symmetric: false) are not lowered to TVM yet. Fix: act_quant with "
                 "symmetric: true, or target='onnxruntime' / 'torch'")
-    mod, params = import_graph(graph.sync(), spec, cpu=kind == "llvm", accuracy=accuracy)
+    mod, params = import_graph(graph.sync(), spec, cpu=kind == "llvm", accuracy=accuracy,
+                               vnni=kind == "llvm" and has_vnni(target))
     try:
         library, lowering = _build_recorded(mod, target, spec.cache is not None)
     except Exception as e:

@@ -2,7 +2,9 @@
 
 CPU (llvm): ``call_tir`` of the hand-scheduled kernels in :mod:`._cpu` (marked scheduled, so
 no default schedule touches them); with ``accuracy="int8"`` the matmul of the linears it
-applies to (:attr:`QuantLinearSpec.int8_dot`) comes from :mod:`._cpu_int8`. GPU: ``emit_te`` of the compute definitions in :mod:`._te`,
+applies to (:attr:`QuantLinearSpec.int8_dot`) comes from :mod:`._cpu_int8`, after a
+``prepack`` of their scales that the build lifts into ``main_transform_params`` (``vnni``:
+the target has AVX512-VNNI). GPU: ``emit_te`` of the compute definitions in :mod:`._te`,
 scheduled later by dlight together with the rest of the graph.
 """
 from __future__ import annotations
@@ -28,8 +30,8 @@ def _shape(expr) -> list:
 class Emitter:
     """Adds lowbit kernels to a Relax ``BlockBuilder``; each distinct kernel once."""
 
-    def __init__(self, cpu: bool, accuracy: str = "float"):
-        self.cpu, self.accuracy = cpu, accuracy
+    def __init__(self, cpu: bool, accuracy: str = "float", vnni: bool = False):
+        self.cpu, self.accuracy, self.vnni = cpu, accuracy, vnni
         self._funcs: dict[str, relax.GlobalVar] = {}
 
     def _func(self, bb: relax.BlockBuilder, name: str, make) -> relax.GlobalVar:
@@ -76,10 +78,15 @@ class Emitter:
         zp, b = _or_placeholder(zero_points, "uint8"), _or_placeholder(bias, "float32")
         out = relax.TensorType([m, spec.out_features], "float32")
         int8 = dataclasses.replace(spec, accuracy=self.accuracy)
-        if int8.int8_dot:       # one kernel: it quantizes x itself
-            matmul = self._func(bb, f"lowbit_quant_linear_{int8.name}",
-                                lambda: _cpu_int8.matmul_kernel(int8))
-            return bb.emit(relax.call_tir(matmul, [x2, qweight, scales, zp, b], out))
+        if int8.int8_dot:       # it quantizes x itself; prepack reads weights only
+            prepack = self._func(bb, f"lowbit_prepack_{int8.name}",
+                                 lambda: _cpu_int8.prepack_kernel(int8))
+            factors = bb.emit(relax.call_tir(prepack, [scales, zp], relax.TensorType(
+                [spec.out_features // _cpu_int8.ROWS, spec.n_groups, 2 * _cpu_int8.ROWS],
+                "float32")))
+            name = f"lowbit_quant_linear_{int8.name}{'_vnni' if self.vnni else ''}"
+            matmul = self._func(bb, name, lambda: _cpu_int8.matmul_kernel(int8, self.vnni))
+            return bb.emit(relax.call_tir(matmul, [x2, qweight, scales, zp, factors, b], out))
         prep = self._func(bb, f"lowbit_prep_{spec.name}", lambda: _cpu.prep_kernel(spec))
         matmul = self._func(bb, f"lowbit_quant_linear_{spec.name}",
                             lambda: _cpu.matmul_kernel(spec))

@@ -262,9 +262,10 @@ class _Converters:
 
 
 def import_graph(gm: torch.fx.GraphModule, spec: ModelSpec, cpu: bool,
-                 accuracy: str = "float"):
+                 accuracy: str = "float", vnni: bool = False):
     """Return ``(IRModule, params)``: ``main(*inputs, *params)`` and the parameter tensors
-    (torch, in the order ``main`` takes them); ``accuracy`` as the llvm backend option."""
+    (torch, in the order ``main`` takes them); ``accuracy`` as the llvm backend option,
+    ``vnni``: the CPU target has AVX512-VNNI."""
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
@@ -276,7 +277,7 @@ def import_graph(gm: torch.fx.GraphModule, spec: ModelSpec, cpu: bool,
     if missing:
         raise LoweringError(f"TVM's torch importer cannot convert {len(missing)} graph op(s): "
                             f"{', '.join(missing[:10])}. Fix: target='onnxruntime' or 'torch'")
-    converters = _Converters(Emitter(cpu, accuracy), stock)
+    converters = _Converters(Emitter(cpu, accuracy, vnni), stock)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                 custom_convert_map=converters.table())
     by_arg = {s.arg.name: s.target for s in ep.graph_signature.input_specs}

@@ -1,8 +1,9 @@
 """The compiled TVM model: a Relax VM over an exported library plus its parameters.
 
 Saved as ``model.so`` (``export_library``: host code + device kernels), ``params.safetensors``
-(every weight, packed ones included, in the order ``main`` takes them) and ``tvm.json``
-(target, parameter order). Loading runs the library as it is (a CUDA library's kernels,
+(every weight, packed ones included, in the order the model takes them) and ``tvm.json``
+(target, parameter order). On CPUs the weights pass once through the library's
+``main_transform_params`` when the model first runs (:func:`transform_params`). Loading runs the library as it is (a CUDA library's kernels,
 which TVM's pip wheel keeps as CUDA C source, are compiled for the GPU they load on), and
 needs only TVM's runtime library, not its compiler.
 """
@@ -23,7 +24,7 @@ from lowbit.backends import ModelSpec
 from lowbit.compiler.kv_cache import KVCacheSpec
 from lowbit.errors import UsageError
 
-__all__ = ["TvmExecutable", "LIBRARY", "PARAMS", "META"]
+__all__ = ["TvmExecutable", "LIBRARY", "PARAMS", "META", "transform_params"]
 
 LIBRARY, PARAMS, META = "model.so", "params.safetensors", "tvm.json"
 
@@ -92,6 +93,16 @@ def set_threads(threads: int) -> None:
         tvm.get_global_func("runtime.config_threadpool")(0, threads)
 
 
+def transform_params(vm, params: list) -> list:
+    """The weights ``main`` takes: ``params`` through the library's
+    ``main_transform_params`` (weight-only work lifted out of ``main`` at build, e.g. the int8
+    GEMV's scale prepacking; :func:`lowbit.backends.tvm.build`) once, or unchanged when there
+    is none (CUDA builds)."""
+    if not vm.module.implements_function("main_transform_params"):
+        return params
+    return list(vm["main_transform_params"](params))
+
+
 class TvmExecutable:
     def __init__(self, library, params: Sequence[torch.Tensor], spec: ModelSpec,
                  target: Mapping, backend: str, threads: int = 0,
@@ -121,8 +132,8 @@ class TvmExecutable:
             set_threads(self.threads)
             dev = _device(self.target)
             self._vm = VirtualMachine(self.library, dev)
-            self._device_params = [tvm.runtime.tensor(p.contiguous().numpy(), dev)
-                                   for p in self.params]
+            self._device_params = transform_params(self._vm, [
+                tvm.runtime.tensor(p.contiguous().numpy(), dev) for p in self.params])
         return self._vm
 
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:

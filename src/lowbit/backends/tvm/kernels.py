@@ -19,7 +19,8 @@ codes per weight group (:func:`lowbit.numerics.quant.quantize_activation_per_gro
     y[m, n] = sum_g s[n, g] * t[m, g] * (sum_{k in g} xq[m, k] q[n, k] - z[n, g] sum_{k in g} xq[m, k])
 
 (ONNX Runtime's ``accuracy_level=4``). It applies where :attr:`QuantLinearSpec.int8_dot`
-holds; elsewhere (int3 / int8 weights, ``act_bits`` set, M > 4) the kernels stay float.
+holds; elsewhere (int3 / int8 weights, ``act_bits`` set, M > 4, N not a multiple of 4) the
+kernels stay float.
 
 Example:
     >>> spec = QuantLinearSpec(out_features=576, in_features=576, bits=4, group_size=128,
@@ -31,9 +32,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["QuantLinearSpec", "HadamardSpec", "ACCURACIES"]
+__all__ = ["QuantLinearSpec", "HadamardSpec", "ACCURACIES", "INT8_DOT_ROWS"]
 
 ACCURACIES = ("float", "int8")
+#: weight rows the int8-dot GEMV reduces together (the lanes of its float accumulator)
+INT8_DOT_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,10 @@ class QuantLinearSpec:
     @property
     def int8_dot(self) -> bool:
         """Whether the decode GEMV runs on int8 dot products (``accuracy="int8"``, float
-        activations, 2- or 4-bit codes, whole 16-byte vectors of packed codes per group)."""
+        activations, 2- or 4-bit codes, whole 16-byte vectors of packed codes per group, a
+        multiple of :data:`INT8_DOT_ROWS` output features)."""
         return (self.accuracy == "int8" and self.act_bits == 0 and self.bits in (2, 4)
-                and self.group_bytes % 16 == 0)
+                and self.group_bytes % 16 == 0 and self.out_features % INT8_DOT_ROWS == 0)
 
     @property
     def name(self) -> str:

@@ -38,42 +38,54 @@ class Kernel:
         return [tvm.runtime.tensor(np.ascontiguousarray(t.numpy()), self.device)
                 for t in tensors if t is not None]
 
-    def __call__(self, *tensors: torch.Tensor | None) -> torch.Tensor:
-        return torch.from_numpy(self.vm["main"](*self.to_device(*tensors)).numpy())
+    def weights(self, *tensors: torch.Tensor | None) -> list:
+        """The weights (every argument after the input) on the device, as ``main`` takes
+        them: through the build's ``main_transform_params`` where it has one."""
+        from lowbit.backends.tvm._runtime import transform_params
+        return transform_params(self.vm, self.to_device(*tensors))
+
+    def __call__(self, x: torch.Tensor, *weights: torch.Tensor | None) -> torch.Tensor:
+        return torch.from_numpy(self.vm["main"](*self.to_device(x),
+                                                *self.weights(*weights)).numpy())
 
     def raw(self) -> Callable:
-        """``main`` taking device tensors (for timing without host copies)."""
+        """``main(x, *self.weights(...))`` on device tensors (for timing without host
+        copies or weight transforms)."""
         return self.vm["main"]
 
 
-def _library(make_body, arg_types, target, accuracy="float"):
-    """The built (not yet loaded) library of a one-operator module, and its target."""
+def _library(make_body, arg_types, target, accuracy="float", vnni=None):
+    """The built (not yet loaded) library of a one-operator module, and its target
+    (``vnni``: None = as the target allows, like a model's lowering)."""
     from tvm import relax
-    from lowbit.backends.tvm import build, resolve_target
+    from lowbit.backends.tvm import build, has_vnni, resolve_target
     from lowbit.backends.tvm._emit import Emitter
     tgt = resolve_target(target, {"mcpu": "native"}) if isinstance(target, str) else target
+    vnni = has_vnni(tgt) if vnni is None else vnni
     bb = relax.BlockBuilder()
     params = [relax.Var(name, relax.TensorType(shape, dtype))
               for name, shape, dtype in arg_types]
-    with bb.function("main", params):
+    with bb.function("main", params, attrs={"num_input": 1}):
         with bb.dataflow():
-            out = bb.emit_output(make_body(bb, Emitter(tgt["kind"] == "llvm", accuracy), params))
+            out = bb.emit_output(make_body(bb, Emitter(tgt["kind"] == "llvm", accuracy, vnni),
+                                           params))
         bb.emit_func_output(out)
     return build(bb.get(), tgt), tgt
 
 
-def _build(make_body, arg_types, target, threads, accuracy="float"):
-    library, tgt = _library(make_body, arg_types, target, accuracy)
+def _build(make_body, arg_types, target, threads, accuracy="float", vnni=None):
+    library, tgt = _library(make_body, arg_types, target, accuracy, vnni)
     return Kernel(library, tgt, threads)
 
 
 def compile_quant_linear(spec: QuantLinearSpec, target="llvm", threads: int = 0,
-                         accuracy: str = "float"):
+                         accuracy: str = "float", vnni: bool | None = None):
     """``kernel(x [..., K], qweight, scales, zero_points | None, bias | None) -> y [..., N]``
     with a dynamic number of rows; zero_points / bias must match ``spec``; ``accuracy`` as the
-    llvm backend option."""
+    llvm backend option; ``vnni``: force the int8 GEMV's dot-product instructions (None: as
+    the target allows)."""
     types, body = _quant_linear_module(spec)
-    kernel = _build(body, types, target, threads, accuracy)
+    kernel = _build(body, types, target, threads, accuracy, vnni)
     n = spec.out_features
 
     def run(x, qweight, scales, zero_points=None, bias=None):
@@ -83,11 +95,13 @@ def compile_quant_linear(spec: QuantLinearSpec, target="llvm", threads: int = 0,
     return _Bound(kernel, run)
 
 
-def quant_linear_library(spec: QuantLinearSpec, target, accuracy: str = "float"):
+def quant_linear_library(spec: QuantLinearSpec, target, accuracy: str = "float",
+                         vnni: bool | None = None):
     """The library :func:`compile_quant_linear` would run, built without loading it (a CUDA
-    library builds on a machine without a GPU; ``export_library`` it and run it elsewhere)."""
+    library builds on a machine without a GPU; ``export_library`` it and run it elsewhere;
+    an llvm one for another CPU, to read its code)."""
     types, body = _quant_linear_module(spec)
-    return _library(body, types, target, accuracy)[0]
+    return _library(body, types, target, accuracy, vnni)[0]
 
 
 def _quant_linear_module(spec: QuantLinearSpec):
