@@ -23,7 +23,8 @@ from typing import Mapping
 from lowbit.backends import BackendInfo, ModelSpec
 from lowbit.errors import LoweringError, UsageError
 
-__all__ = ["LLVM_BACKEND", "CUDA_BACKEND", "resolve_target", "build", "has_vnni", "TRANSFORM_PARAMS"]
+__all__ = ["LLVM_BACKEND", "CUDA_BACKEND", "resolve_target", "build", "has_vnni",
+           "TRANSFORM_PARAMS"]
 
 _OPTIONS = {"llvm": {"mcpu": None, "threads": 0, "accuracy": "float", "target": None},
             "cuda": {"arch": "sm_90", "target": None}}

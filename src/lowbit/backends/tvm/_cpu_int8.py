@@ -48,10 +48,10 @@ __all__ = ["matmul_kernel", "prepack_kernel", "ROWS"]
 
 ROWS = INT8_DOT_ROWS    # weight rows per block (the lanes of the float accumulator)
 _TASKS = 16             # most parallel tasks
-_PREFETCH = 16384   # bytes of weights prefetched ahead (into L2)
-_CHUNK = 4          # groups per accumulation statement (and per prefetch)
+_PREFETCH = 16384       # bytes of weights prefetched ahead (into L2)
+_CHUNK = 4              # groups per accumulation statement (and per prefetch)
 _QMAX = 127.0
-_LANES = 8          # float lanes of the activation quantization loops
+_LANES = 8              # float lanes of the activation quantization loops
 
 
 def _largest_divisor(n: int, cap: int) -> int:
@@ -117,8 +117,6 @@ def _quantize_macro(spec: QuantLinearSpec):
                     xq[mi, full, c, u] = T.Cast("int8", amax[0])
                 tz[mi, full] = ts[mi, full] * qsum[0]
     return quantize
-
-
 
 
 def prepack_kernel(spec: QuantLinearSpec):
@@ -198,18 +196,18 @@ def matmul_kernel(spec: QuantLinearSpec, vnni: bool = False):
             total = acc if total is None else total + acc
         return total
 
+    def four(d):
+        """int32 x 4: the sums of four rows' partial-sum vectors."""
+        h = T.call_llvm_pure_intrin(
+            f"int32x{L}", hadd, T.call_llvm_pure_intrin(f"int32x{L}", hadd, d[0], d[1]),
+            T.call_llvm_pure_intrin(f"int32x{L}", hadd, d[2], d[3]))
+        if L == 8:                  # [r0 r1 r2 r3 | r0 r1 r2 r3] halves of each row's sum
+            h = T.vectorlow("int32x4", h) + T.vectorhigh("int32x4", h)
+        return h
+
     def block(w, xq, f, ts, tz, b, mi, groups):
         """float32 x ROWS: the sum over ``groups`` for rows ``b*ROWS ..`` of ``y[mi]``."""
         acc = None
-        def four(d):
-            """int32 x 4: the sums of four rows' partial-sum vectors."""
-            h = T.call_llvm_pure_intrin(
-                f"int32x{L}", hadd, T.call_llvm_pure_intrin(f"int32x{L}", hadd, d[0], d[1]),
-                T.call_llvm_pure_intrin(f"int32x{L}", hadd, d[2], d[3]))
-            if L == 8:              # [r0 r1 r2 r3 | r0 r1 r2 r3] halves of each row's sum
-                h = T.vectorlow("int32x4", h) + T.vectorhigh("int32x4", h)
-            return h
-
         for g in groups:
             d = [dot(w, xq, b * R + r, mi, g) for r in range(R)]
             h = four(d) if R == 4 else T.vectorcombine(f"int32x{R}", four(d[:4]), four(d[4:]))

@@ -3,9 +3,10 @@
 Saved as ``model.so`` (``export_library``: host code + device kernels), ``params.safetensors``
 (every weight, packed ones included, in the order the model takes them) and ``tvm.json``
 (target, parameter order). On CPUs the weights pass once through the library's
-``main_transform_params`` when the model first runs (:func:`transform_params`). Loading runs the library as it is (a CUDA library's kernels,
-which TVM's pip wheel keeps as CUDA C source, are compiled for the GPU they load on), and
-needs only TVM's runtime library, not its compiler.
+``main_transform_params`` when the model first runs (:func:`transform_params`). Loading runs
+the library as it is (a CUDA library's kernels, which TVM's pip wheel keeps as CUDA C source,
+are compiled for the GPU they load on), and needs only TVM's runtime library, not its
+compiler.
 """
 from __future__ import annotations
 
@@ -98,9 +99,10 @@ def transform_params(vm, params: list) -> list:
     ``main_transform_params`` (weight-only work lifted out of ``main`` at build, e.g. the int8
     GEMV's scale prepacking; :func:`lowbit.backends.tvm.build`) once, or unchanged when there
     is none (CUDA builds)."""
-    if not vm.module.implements_function("main_transform_params"):
+    from lowbit.backends.tvm import TRANSFORM_PARAMS
+    if not vm.module.implements_function(TRANSFORM_PARAMS):
         return params
-    return list(vm["main_transform_params"](params))
+    return list(vm[TRANSFORM_PARAMS](params))
 
 
 class TvmExecutable:

@@ -19,8 +19,8 @@ codes per weight group (:func:`lowbit.numerics.quant.quantize_activation_per_gro
     y[m, n] = sum_g s[n, g] * t[m, g] * (sum_{k in g} xq[m, k] q[n, k] - z[n, g] sum_{k in g} xq[m, k])
 
 (ONNX Runtime's ``accuracy_level=4``). It applies where :attr:`QuantLinearSpec.int8_dot`
-holds; elsewhere (int3 / int8 weights, ``act_bits`` set, M > 4, N not a multiple of 4) the
-kernels stay float.
+holds; elsewhere (int3 / int8 weights, ``act_bits`` set, M > 4, N not a multiple of
+:data:`INT8_DOT_ROWS`) the kernels stay float.
 
 Example:
     >>> spec = QuantLinearSpec(out_features=576, in_features=576, bits=4, group_size=128,
